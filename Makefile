@@ -1,0 +1,29 @@
+# Set-up and everyday targets. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+# torch is pinned to the CPU build first: an unpinned torch would pull several GB of CUDA packages.
+$(BIN)/spt: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
+	touch $@
+
+install: $(BIN)/spt
+
+demo: install
+	$(BIN)/spt data synth --out runs/data --dialogues 2000 --split train=0.8,valid=0.1,test=0.1
+	$(BIN)/spt data stats runs/data/train.jsonl
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check spt tests bench
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,151 @@
+"""The ``spt`` command. Each subcommand is a plain function; its docstring is its ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .data import (
+    FORMATS,
+    DataError,
+    ReadReport,
+    parse_fractions,
+    read_examples,
+    split_by_dialogue,
+    write_jsonl,
+)
+
+log = logging.getLogger("spt")
+
+
+# --- spt data ------------------------------------------------------------------------------------
+
+def data_stats(args: argparse.Namespace) -> int:
+    """Counts (dialogues, examples, persona sentences) and length percentiles of a data file.
+
+    With --tokenizer, lengths are tokens of the formatted training input; otherwise words.
+    """
+    from .stats import dataset_stats
+
+    report = ReadReport()
+    examples = read_examples(args.file, args.data_format, args.strict, report)
+    stats = dataset_stats(examples, args.tokenizer, args.max_length)
+    stats["skipped"] = report.skipped
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def data_convert(args: argparse.Namespace) -> int:
+    """Convert any supported format to spt's JSONL format."""
+    examples = read_examples(args.file, args.data_format, args.strict)
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(".jsonl")
+    if out.resolve() == Path(args.file).resolve():
+        raise ValueError(f"--out {out} would overwrite the input file")
+    n = write_jsonl(examples, out)
+    print(f"wrote {n} examples to {out}")
+    return 0
+
+
+def data_synth(args: argparse.Namespace) -> int:
+    """Generate the synthetic persona-chat corpus (personas with latent speaking styles) as JSONL.
+
+    Writes DIR/synthetic.jsonl and, with --split, one file per split (split by dialogue).
+    """
+    from .data.synth import synth_examples
+
+    examples = synth_examples(args.dialogues, seed=args.seed)
+    out = Path(args.out)
+    n = write_jsonl(examples, out / "synthetic.jsonl")
+    print(f"wrote {n} examples from {args.dialogues} dialogues to {out / 'synthetic.jsonl'}")
+    if args.split:
+        _write_splits(examples, parse_fractions(args.split), args.seed, out)
+    return 0
+
+
+def data_split(args: argparse.Namespace) -> int:
+    """Split a data file by dialogue (a dialogue never spans two splits) into DIR/<split>.jsonl."""
+    examples = read_examples(args.file, args.data_format, args.strict)
+    _write_splits(examples, parse_fractions(args.fractions), args.seed, Path(args.out))
+    return 0
+
+
+def _write_splits(examples, fractions: dict[str, float], seed: int, out: Path) -> None:
+    for name, part in split_by_dialogue(examples, fractions, seed).items():
+        n = write_jsonl(part, out / f"{name}.jsonl")
+        print(f"{name}: {n} examples, {len({e.dialogue_id for e in part})} dialogues -> {out / f'{name}.jsonl'}")
+
+
+def data_download(args: argparse.Namespace) -> int:
+    """Download a dataset (convai2) into the cache (~/.cache/spt/data or $SPT_CACHE). Needs network."""
+    from .data.download import download
+
+    print(download(args.name))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def _add(sub, name: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    doc = (fn.__doc__ or "").strip()
+    p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=fn)
+    return p
+
+
+def _data_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="data file (ParlAI text, HF JSON, Synthetic-Persona-Chat CSV or spt JSONL)")
+    p.add_argument("--data-format", choices=FORMATS, default=None, help="input format (default: detect)")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed item instead of skipping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect, convert, generate and split persona-dialogue data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = _add(dsub, "stats", data_stats)
+    _data_input(p)
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or folder for token lengths")
+    p.add_argument("--max-length", type=int, default=512)
+    p = _add(dsub, "convert", data_convert)
+    _data_input(p)
+    p.add_argument("--to", choices=["jsonl"], default="jsonl")
+    p.add_argument("--out", default=None, help="output file (default: input name with .jsonl)")
+    p = _add(dsub, "synth", data_synth)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dialogues", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default=None, help="also split by dialogue, e.g. train=0.8,valid=0.1,test=0.1")
+    p = _add(dsub, "split", data_split)
+    _data_input(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fractions", default="train=0.8,valid=0.2")
+    p.add_argument("--seed", type=int, default=0)
+    p = _add(dsub, "download", data_download)
+    p.add_argument("name", choices=["convai2"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileNotFoundError, ConnectionError) as e:
+        print(f"spt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
