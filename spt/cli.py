@@ -87,6 +87,37 @@ def data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- training ------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a method (spt by default) from a YAML config with dotted overrides.
+
+    Examples:
+      spt train --config configs/tiny-cpu.yaml --output-dir runs/x --train.max_steps=20
+      spt train --resume runs/x                       # continue from runs/x/checkpoint-last
+      spt train --resume runs/x --train.max_steps=40  # ... and train further
+    """
+    from .checkpoint import CONFIG, resolve_checkpoint
+    from .config import load_config, parse_overrides
+    from .train import train
+
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        ckpt = resolve_checkpoint(args.resume, prefer="checkpoint-last")
+        cfg = load_config(ckpt / CONFIG, overrides)
+        output_dir = args.output_dir or args.resume
+    else:
+        if not args.output_dir:
+            raise ValueError("--output-dir is required (or --resume RUN_DIR)")
+        cfg = load_config(args.config, overrides)
+        output_dir = args.output_dir
+    result = train(cfg, output_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {result.step} steps in {result.seconds:.1f}s; best valid loss "
+          f"{result.best_val_loss if result.best_val_loss is None else round(result.best_val_loss, 4)}; "
+          f"checkpoints in {result.output_dir}")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 def _add(sub, name: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -130,16 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = _add(dsub, "download", data_download)
     p.add_argument("name", choices=["convai2"])
+
+    p = _add(sub, "train", cmd_train)
+    p.add_argument("--config", default=None, help="YAML config (defaults apply where it is silent)")
+    p.add_argument("--output-dir", default=None, help="run folder for checkpoints and logs")
+    p.add_argument("--resume", default=None, help="run or checkpoint folder to continue from")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(takes_overrides=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError, ConnectionError) as e:
+    except (DataError, ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
         print(f"spt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

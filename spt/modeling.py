@@ -64,3 +64,15 @@ def train_tokenizer(texts, vocab_size: int = 2048, eos_token: str = "<|endoftext
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=eos_token, eos_token=eos_token, pad_token=eos_token, unk_token=eos_token,
     )
+
+
+def build_scratch_lm(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: int,
+                     eos_token_id: int = 0, seed: int = 0):
+    """A randomly initialised GPT-2 style causal LM (no download): the offline demo's base LM."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                        n_positions=n_positions, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+                        pad_token_id=eos_token_id, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)

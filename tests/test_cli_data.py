@@ -1,7 +1,6 @@
 import json
 
 from conftest import GPT2_TOKENIZER, PERSONACHAT, shared_path
-
 from spt.cli import main
 from spt.data import read_examples
 

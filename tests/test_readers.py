@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from conftest import PERSONACHAT, SPC_CSV, shared_path
 
+from conftest import PERSONACHAT, SPC_CSV, shared_path
 from spt.data import DataError, ReadReport, detect_format, read_examples, write_jsonl
 
 

@@ -1,0 +1,273 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+    spt train --config configs/spt-opt125m-convai2.yaml --train.max_steps=20 --spt.K=4
+
+Every field is documented once, here. Invalid values fail on load with the field's dotted name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Method = Literal["spt", "pt", "textual", "finetune", "lora"]
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the dotted field."""
+
+
+@dataclass
+class ScratchConfig:
+    """Shape of a GPT-2 style LM built from random initialisation (``model.init: scratch``)."""
+
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 512
+    vocab_size: int = 2048  # size of the BPE tokenizer trained on the training data
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "gpt2"  # hub name or local folder of the base causal LM
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the frozen LM weights
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    gradient_checkpointing: bool = False  # trade compute for activation memory on large models
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # data file (any supported format)
+    valid: str | None = None
+    test: str | None = None  # used by generate/eval when no file is given
+    format: Literal["parlai", "json", "spc", "jsonl"] | None = None  # None: detect from the file
+    max_length: int = 512  # text tokens per example (soft prompt tokens come on top)
+    max_context_turns: int | None = None  # keep only the newest N history turns
+    strict: bool = False  # fail on malformed input instead of skipping (counted, logged)
+    max_train_examples: int | None = None  # first N examples only (quick runs)
+    max_valid_examples: int | None = None
+
+
+@dataclass
+class SPTConfig:
+    K: int = 4  # number of soft prompts in the bank
+    num_virtual_tokens: int = 8  # n: tokens per soft prompt
+    prompt_init: Literal["vocab", "random", "text"] = "vocab"  # sampled vocabulary embeddings by default
+    prompt_init_text: str = ""  # with prompt_init: text, e.g. "respond in character :"
+    retriever: Literal["linear", "transformer"] = "linear"
+    retriever_layers: int = 1  # transformer retriever only
+    softplus_beta: float = 10.0
+    softplus_threshold: float = 1.0
+    lambda_llm: float = 1.0
+    lambda_sel: float = 0.4  # selection loss weight (paper: 0.4 for OPT, 1.0 for Llama-2-7B)
+    lambda_fus: float = 1.0  # prompt fusion loss weight
+    lambda_ctr: float = 0.4  # context-prompt contrastive loss weight
+    tau_gold: float = 1.0
+    tau_sim: float = 1.0
+    sel_noise_sigma: float = 0.0  # Gaussian noise on the selection target q (paper's variant: 0.1)
+    fusion_weights: Literal["raw", "softmax"] = "raw"  # raw retriever scores (paper) or softmax over K
+    ctr_bleu_threshold: float = 20.0  # personas with sentence BLEU above this are "similar"
+    selection_noise: float = 0.0  # Gaussian noise on scores before argmax at inference
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    warmup_steps: int = 0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where supported
+    seed: int = 42
+    eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
+    log_every: int = 10
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    chunk_size: int | None = None  # max (prompt, example) rows per LM forward; None: all K*B at once
+    group_by_length: bool = True  # batch similar lengths together (less padding)
+    eval_batch_size: int = 16
+
+
+@dataclass
+class Config:
+    method: Method = "spt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    spt: SPTConfig = field(default_factory=SPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "spt.K": cfg.spt.K, "spt.num_virtual_tokens": cfg.spt.num_virtual_tokens, "train.lr": cfg.train.lr,
+        "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+        "train.epochs": cfg.train.epochs, "spt.tau_gold": cfg.spt.tau_gold, "spt.tau_sim": cfg.spt.tau_sim,
+        "spt.softplus_beta": cfg.spt.softplus_beta, "data.max_length": cfg.data.max_length,
+        "train.eval_batch_size": cfg.train.eval_batch_size, "train.max_bad_steps": cfg.train.max_bad_steps,
+        "train.log_every": cfg.train.log_every, "model.scratch.n_layer": cfg.model.scratch.n_layer,
+        "model.scratch.n_embd": cfg.model.scratch.n_embd, "model.scratch.n_head": cfg.model.scratch.n_head,
+        "spt.retriever_layers": cfg.spt.retriever_layers,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    non_negative = {
+        "spt.lambda_llm": cfg.spt.lambda_llm, "spt.lambda_sel": cfg.spt.lambda_sel,
+        "spt.lambda_fus": cfg.spt.lambda_fus, "spt.lambda_ctr": cfg.spt.lambda_ctr,
+        "spt.sel_noise_sigma": cfg.spt.sel_noise_sigma, "spt.selection_noise": cfg.spt.selection_noise,
+        "train.weight_decay": cfg.train.weight_decay, "train.warmup_steps": cfg.train.warmup_steps,
+        "train.max_grad_norm": cfg.train.max_grad_norm, "train.eval_every": cfg.train.eval_every,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    for name, value in {"train.max_steps": cfg.train.max_steps, "train.chunk_size": cfg.train.chunk_size,
+                        "data.max_train_examples": cfg.data.max_train_examples,
+                        "data.max_valid_examples": cfg.data.max_valid_examples}.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be > 0 or null, got {value}")
+    if cfg.data.max_context_turns is not None and cfg.data.max_context_turns < 0:
+        raise ConfigError(f"data.max_context_turns must be >= 0 or null, got {cfg.data.max_context_turns}")
+    if cfg.spt.prompt_init == "text" and not cfg.spt.prompt_init_text.strip():
+        raise ConfigError("spt.prompt_init_text must be set when spt.prompt_init is 'text'")
+    if cfg.model.scratch.n_embd % cfg.model.scratch.n_head:
+        raise ConfigError(f"model.scratch.n_embd ({cfg.model.scratch.n_embd}) must be divisible by "
+                          f"model.scratch.n_head ({cfg.model.scratch.n_head})")
+
+
+# --- building from dicts, YAML and overrides ----------------------------------------------------
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return _build(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.max_steps=20", "--spt.K", "4"]`` -> {"train.max_steps": 20, "spt.K": 4} (YAML-typed)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or ("." not in arg.split("=", 1)[0] and arg[2:].split("=", 1)[0] != "method"):
+            raise ConfigError(f"unexpected argument {arg!r}; config overrides look like --section.field=value")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            raw, i = args[i + 1], i + 1
+        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then dotted overrides; validated as a whole."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

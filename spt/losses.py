@@ -1,0 +1,78 @@
+"""SPT's training losses as pure functions of tensors (shapes in the docstrings).
+
+K prompts, B examples, M response tokens in the batch (all examples), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lm_loss(nll: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL over all (prompt, example) pairs' response tokens. nll (K, M) -> scalar."""
+    return nll.mean()
+
+
+def per_example_nll(nll: torch.Tensor, token_example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """L[k, b]: mean token NLL of example b under prompt k. nll (K, M), token_example (M,) -> (K, B)."""
+    K = nll.shape[0]
+    sums = torch.zeros(K, batch_size, dtype=nll.dtype, device=nll.device).index_add_(1, token_example, nll)
+    counts = torch.bincount(token_example, minlength=batch_size).clamp(min=1).to(nll.dtype)
+    return sums / counts
+
+
+def selection_loss(L: torch.Tensor, S: torch.Tensor, tau_gold: float = 1.0, tau_sim: float = 1.0,
+                   sigma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """KL(q || p) averaged over the batch; the retriever learns which prompt the LM prefers.
+
+    L (K, B) per-example NLL (no gradient flows through it), S (K, B) retriever scores.
+    q_b = softmax_k(-L[:, b] / tau_gold), optionally plus N(0, sigma^2) noise (clamped at 1e-8 and
+    renormalised to stay a distribution); p_b = log_softmax_k(S[:, b] / tau_sim)."""
+    q = torch.softmax(-L.detach().float() / tau_gold, dim=0)
+    if sigma > 0:
+        noise = torch.randn(q.shape, generator=generator, device="cpu").to(q.device) * sigma
+        q = (q + noise).clamp(min=1e-8)
+        q = q / q.sum(0, keepdim=True)
+    log_p = torch.log_softmax(S.float() / tau_sim, dim=0)
+    return F.kl_div(log_p.T, q.T, reduction="batchmean")
+
+
+def fusion_weights(S: torch.Tensor, mode: str = "raw") -> torch.Tensor:
+    """Weights (K, B) for mixing the K prompts' logits: raw scores (paper) or softmax over K."""
+    if mode == "raw":
+        return S
+    if mode == "softmax":
+        return torch.softmax(S, dim=0)
+    raise ValueError(f"unknown fusion weights {mode!r}")
+
+
+def fusion_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                token_example: torch.Tensor) -> torch.Tensor:
+    """Token NLL of the response under fused logits z = sum_k w[k, b] * logits[k].
+
+    logits (K, M, V), targets (M,), weights (K, B), token_example (M,) example index of each token."""
+    w = weights[:, token_example].unsqueeze(-1).to(logits.dtype)  # (K, M, 1)
+    fused = (w * logits).sum(0)  # (M, V)
+    return F.cross_entropy(fused.float(), targets)
+
+
+def contrastive_targets(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
+    """T (B, B): +1 where persona similarity (sentence BLEU, 0-100) exceeds ``threshold``, else -1."""
+    return torch.where(similarity > threshold, 1.0, -1.0)
+
+
+def contrastive_loss(S: torch.Tensor, targets: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean CosineEmbeddingLoss over pairs i < j of the examples' score vectors S[:, i], S[:, j].
+
+    Similar personas are pulled towards the same prompt distribution, dissimilar ones pushed apart.
+    S (K, B), targets (B, B) of +-1. Zero when B < 2."""
+    B = S.shape[1]
+    if B < 2:
+        return S.sum() * 0.0
+    v = F.normalize(S.float().T, dim=-1)  # (B, K)
+    cos = v @ v.T  # (B, B)
+    i, j = torch.triu_indices(B, B, offset=1, device=S.device)
+    c, t = cos[i, j], targets[i, j].to(cos.dtype)
+    per_pair = torch.where(t > 0, 1.0 - c, (c - margin).clamp(min=0.0))
+    return per_pair.mean()

@@ -1,0 +1,198 @@
+"""The SPT model: a frozen causal LM, a bank of K soft prompts (K, n, d) and a retriever.
+
+All K x B (prompt, example) pairs run through the LM as one batch of K*B rows (in chunks if asked),
+padded only to the batch's longest example, and the LM head runs only at response positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .config import SPTConfig
+from .format import IGNORE_INDEX
+from .retriever import Retriever
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Spliced:
+    inputs_embeds: torch.Tensor  # (R, n + T, d)
+    attention_mask: torch.Tensor  # (R, n + T)
+    position_ids: torch.Tensor  # (R, n + T)
+    labels: torch.Tensor | None  # (R, n + T), IGNORE_INDEX on prompt and padding
+
+
+def splice(prompt_embeds: torch.Tensor, token_embeds: torch.Tensor, attention_mask: torch.Tensor,
+           labels: torch.Tensor | None = None) -> Spliced:
+    """Put each row's soft prompt right before its first real token.
+
+    prompt_embeds (R, n, d), token_embeds (R, T, d), attention_mask (R, T), labels (R, T).
+    Right-padded rows become (prompt, text, pad); left-padded rows become (pad, prompt, text), the
+    layout generation needs. The prompt's mask is 1 and its labels are IGNORE_INDEX; position ids
+    count real tokens only, so padding never shifts positions.
+    """
+    R, n, _ = prompt_embeds.shape
+    T = token_embeds.shape[1]
+    lead = (attention_mask.cumsum(1) == 0).sum(1, keepdim=True)  # (R, 1) leading pads
+    j = torch.arange(n + T, device=attention_mask.device).unsqueeze(0)  # (1, n + T)
+    # Index into the concatenation [prompt (n); tokens (T)] for every output position.
+    src = torch.where(j < lead, n + j, torch.where(j < lead + n, j - lead, j))  # (R, n + T)
+    embeds = torch.cat([prompt_embeds.to(token_embeds.dtype), token_embeds], 1)
+    embeds = embeds.gather(1, src.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    mask = torch.cat([attention_mask.new_ones(R, n), attention_mask], 1).gather(1, src)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    spliced_labels = None
+    if labels is not None:
+        spliced_labels = torch.cat([labels.new_full((R, n), IGNORE_INDEX), labels], 1).gather(1, src)
+    return Spliced(embeds, mask, position_ids, spliced_labels)
+
+
+def init_prompts(embeddings: torch.Tensor, K: int, n: int, mode: str = "vocab", text_ids: list[int] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial prompt bank (K, n, d) in fp32.
+
+    vocab: rows of the embedding table sampled at random (each prompt its own tokens);
+    random: Gaussian with the table's std; text: the embeddings of ``text_ids`` (cycled to n tokens)
+    plus small noise per prompt, so the K prompts start close but distinguishable."""
+    table = embeddings.detach().float()
+    V, d = table.shape
+    if mode == "vocab":
+        ids = torch.randint(0, V, (K, n), generator=generator)
+        return table[ids].clone()
+    std = table.std().item()
+    if mode == "random":
+        return torch.randn(K, n, d, generator=generator) * std
+    if mode == "text":
+        if not text_ids:
+            raise ValueError("prompt_init 'text' needs a non-empty prompt_init_text")
+        ids = torch.tensor([text_ids[i % len(text_ids)] for i in range(n)])
+        return table[ids].unsqueeze(0).repeat(K, 1, 1) + 0.01 * std * torch.randn(K, n, d, generator=generator)
+    raise ValueError(f"unknown prompt init {mode!r}")
+
+
+@dataclass
+class PairOutput:
+    S: torch.Tensor  # (K, B) retriever scores
+    logits: torch.Tensor  # (K, M, V) response-position logits
+    targets: torch.Tensor  # (M,) response tokens (the same under every prompt)
+    nll: torch.Tensor  # (K, M) per-token NLL
+    token_example: torch.Tensor  # (M,) example index of each response token
+    L: torch.Tensor  # (K, B) mean NLL of each example's response under each prompt
+
+
+class SPTModel(nn.Module):
+    """Frozen LM + trainable prompts + retriever. ``trainable_state_dict`` is what a checkpoint holds."""
+
+    def __init__(self, lm: nn.Module, cfg: SPTConfig, text_ids: list[int] | None = None, seed: int = 0):
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+        self.cfg = cfg
+        table = lm.get_input_embeddings().weight
+        g = torch.Generator().manual_seed(seed)
+        self.prompts = nn.Parameter(init_prompts(table, cfg.K, cfg.num_virtual_tokens, cfg.prompt_init, text_ids, g))
+        self.retriever = Retriever(table.shape[1], cfg.retriever, cfg.softplus_beta, cfg.softplus_threshold,
+                                   cfg.retriever_layers)
+        self._takes_positions = "position_ids" in inspect.signature(lm.base_model.forward).parameters
+        self.chunk_size: int | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.eval()  # the frozen LM never uses dropout
+        return self
+
+    @property
+    def K(self) -> int:
+        return self.prompts.shape[0]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def scores(self, token_embeds: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """S (K, B) from the inference-input tokens (query_mask marks persona + context only)."""
+        return self.retriever(self.prompts, token_embeds, query_mask)
+
+    def select(self, S: torch.Tensor, noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """k* (B,) = argmax_k S[k] (+ optional Gaussian selection noise)."""
+        if noise > 0:
+            S = S + noise * torch.randn(S.shape, generator=generator).to(S.device)
+        return S.argmax(0)
+
+    # --- the LM on response positions only ----------------------------------------------------
+
+    def _response_logits(self, prompt_rows: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) and targets (N,) at the response positions of R rows, in row-major order."""
+        sp = splice(prompt_rows, embeds, mask, labels)
+        kwargs = {"position_ids": sp.position_ids} if self._takes_positions else {}
+        hidden = self.lm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                                    **kwargs).last_hidden_state  # (R, n + T, d)
+        targets = sp.labels[:, 1:]
+        sel = targets != IGNORE_INDEX  # predict token t + 1 from position t
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][sel])  # (N, V)
+        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits, targets[sel]
+
+    def pair_logits(self, prompt_idx: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor, token_embeds: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response logits for rows (prompt_idx[r], example r % B): one LM batch of R rows, chunked.
+
+        prompt_idx (R,), the B examples repeated R / B times. Returns logits (N, V), targets (N,)."""
+        B = input_ids.shape[0]
+        E = self.embed(input_ids) if token_embeds is None else token_embeds
+        reps = prompt_idx.shape[0] // B
+        rows = self.prompts[prompt_idx]  # (R, n, d)
+        E, mask, labels = (x.repeat(reps, *[1] * (x.dim() - 1)) for x in (E, attention_mask, labels))
+        step = self.chunk_size or rows.shape[0]
+        outs = [self._response_logits(rows[i:i + step], E[i:i + step], mask[i:i + step], labels[i:i + step])
+                for i in range(0, rows.shape[0], step)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    # --- all K x B pairs -------------------------------------------------------------------------
+
+    def pairs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              query_mask: torch.Tensor) -> PairOutput:
+        """Scores and response NLL of every (prompt, example) pair in one LM batch of K*B rows."""
+        K, B = self.K, input_ids.shape[0]
+        E = self.embed(input_ids)
+        S = self.scores(E, query_mask)  # (K, B)
+        prompt_idx = torch.arange(K, device=input_ids.device).repeat_interleave(B)  # rows k*B + b
+        logits, targets = self.pair_logits(prompt_idx, input_ids, attention_mask, labels, E)
+        nll = F.cross_entropy(logits.float(), targets, reduction="none").view(K, -1)  # (K, M)
+        token_example = torch.repeat_interleave(
+            torch.arange(B, device=input_ids.device), (labels[:, 1:] != IGNORE_INDEX).sum(1))  # (M,)
+        L = losses.per_example_nll(nll, token_example, B)  # (K, B)
+        M = nll.shape[1]
+        return PairOutput(S, logits.view(K, M, -1), targets[:M], nll, token_example, L)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                query_mask: torch.Tensor, persona_sim: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """All four losses for a batch; ``loss`` is their weighted sum. Shapes: (B, T) inputs,
+        persona_sim (B, B) sentence-BLEU similarities for the contrastive loss."""
+        cfg, K = self.cfg, self.K
+        p = self.pairs(input_ids, attention_mask, labels, query_mask)
+        out = {"llm": losses.lm_loss(p.nll)}
+        zero = out["llm"] * 0.0
+        multi = K > 1
+        out["sel"] = losses.selection_loss(p.L, p.S, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma) \
+            if cfg.lambda_sel > 0 and multi else zero
+        out["fus"] = losses.fusion_loss(p.logits, p.targets, losses.fusion_weights(p.S, cfg.fusion_weights),
+                                        p.token_example) if cfg.lambda_fus > 0 and multi else zero
+        out["ctr"] = losses.contrastive_loss(p.S, losses.contrastive_targets(persona_sim, cfg.ctr_bleu_threshold)) \
+            if cfg.lambda_ctr > 0 and multi and persona_sim is not None else zero
+        out["loss"] = (cfg.lambda_llm * out["llm"] + cfg.lambda_sel * out["sel"] + cfg.lambda_fus * out["fus"]
+                       + cfg.lambda_ctr * out["ctr"])
+        return out

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from spt.config import Config, ConfigError, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_load_and_take_overrides():
+    assert len(CONFIGS) >= 5
+    for path in CONFIGS:
+        cfg = load_config(path, parse_overrides(["--model.name_or_path=/m", "--data.train=t.jsonl", "--spt.K=4",
+                                                 "--train.max_steps=20"]))
+        assert (cfg.model.name_or_path, cfg.data.train, cfg.spt.K, cfg.train.max_steps) == ("/m", "t.jsonl", 4, 20)
+
+
+def test_paper_settings():
+    opt = load_config(next(p for p in CONFIGS if "opt125m" in p.name))
+    assert (opt.spt.K, opt.spt.num_virtual_tokens, opt.spt.lambda_sel, opt.spt.lambda_ctr) == (4, 8, 0.4, 0.4)
+    llama = load_config(next(p for p in CONFIGS if "llama2-7b" in p.name))
+    assert (llama.spt.K, llama.spt.num_virtual_tokens, llama.spt.lambda_sel, llama.spt.lambda_ctr) == (4, 1, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--spt.K=0", "spt.K must be > 0"),
+    ("--spt.retriever=lstm", "spt.retriever must be one of"),
+    ("--train.batch_size=big", "train.batch_size must be an integer"),
+    ("--train.mixed_precision=fp8", "train.mixed_precision must be one of"),
+    ("--spt.nope=1", "unknown config key"),
+    ("--data.max_context_turns=-2", "data.max_context_turns must be >= 0"),
+    ("--spt.prompt_init=text", "spt.prompt_init_text must be set"),
+])
+def test_invalid_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, parse_overrides([override]))
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spt:\n  K: many\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: spt\.K must be an integer"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_yaml_types_and_round_trip(tmp_path):
+    o = parse_overrides(["--train.lr=3e-4", "--data.max_context_turns", "null", "--spt.fusion_weights=softmax"])
+    cfg = load_config(None, o)
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.data.max_context_turns is None
+    cfg.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"look like --section\.field=value"):
+        parse_overrides(["max_steps=3"])
+    assert Config().spt.K == 4
