@@ -118,6 +118,89 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- generation and evaluation --------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate replies for a data file with a trained run (each row with its own selected prompt).
+
+    Writes JSONL: persona, context, reference, prediction, selected prompt and the K scores.
+    Generation options are dotted overrides, e.g. --generate.num_beams=4 --generate.max_new_tokens=32.
+    """
+    import dataclasses
+
+    from .api import load
+    from .config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    bot = load(args.run)
+    gen_over = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("generate.")}
+    if set(overrides) - {f"generate.{k}" for k in gen_over}:
+        raise ValueError(f"only --generate.* overrides apply here, got {sorted(overrides)}")
+    gen = load_config(None, {f"generate.{k}": v for k, v in
+                             {**dataclasses.asdict(bot.config.generate), **gen_over}.items()}).generate
+    cfg = bot.config
+    data = args.data or cfg.data.test or cfg.data.valid
+    if not data:
+        raise ValueError("no data to generate for: pass --data FILE")
+    examples = read_examples(data, args.data_format or cfg.data.format, cfg.data.strict)
+    if args.limit:
+        examples = examples[: args.limit]
+    outputs = bot.generate(examples, progress=not args.no_progress, **dataclasses.asdict(gen))
+    out = Path(args.out) if args.out else Path(args.run) / "predictions.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for ex, g in zip(examples, outputs, strict=True):
+            row = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": list(ex.persona),
+                   "context": list(ex.context), "reference": ex.response, "prediction": g.prediction, "raw": g.raw,
+                   "prompt": g.prompt, "scores": g.scores, "ref_nll": g.ref_nll, "ref_tokens": g.ref_tokens}
+            if ex.style:
+                row["style"] = ex.style
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    print(f"wrote {len(outputs)} predictions to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a run's predictions: metrics.json, report.md and plots (selection, loss curves).
+
+    Metrics: F1 (ParlAI-normalised and unnormalised), BLEU and BLEU-1..4 (sacreBLEU), ROUGE-1/2/L,
+    DIST-1/2, perplexity of the references, BERTScore and METEOR where available, prompt selection.
+    """
+    from .checkpoint import CONFIG, resolve_checkpoint
+    from .config import load_config, parse_overrides
+    from .report import compute_metrics, read_predictions, write_report
+
+    run = Path(args.run)
+    preds = Path(args.predictions) if args.predictions else run / "predictions.jsonl"
+    overrides = parse_overrides(args.overrides)
+    try:
+        cfg = load_config(resolve_checkpoint(run) / CONFIG, overrides)
+    except FileNotFoundError:
+        cfg = load_config(None, overrides)
+    K = cfg.spt.K if cfg.method in ("spt", "pt") else None
+    rows = read_predictions(preds)
+    metrics = compute_metrics(rows, cfg.eval, K)
+    out = Path(args.out) if args.out else run / "eval"
+    path = write_report(out, run.name, metrics, rows, run if run.is_dir() else None, cfg.eval.samples)
+    keys = ("f1", "bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "dist1", "dist2", "meteor", "ppl")
+    print(json.dumps({k: round(metrics[k], 3) for k in keys if k in metrics}))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Put several evaluated runs side by side, with each one's relative change from the first (AVG column)."""
+    from .report import compare, load_run_metrics
+
+    table = compare([load_run_metrics(r) for r in args.runs])
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 def _add(sub, name: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -168,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="run or checkpoint folder to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(takes_overrides=True)
+
+    p = _add(sub, "generate", cmd_generate)
+    p.add_argument("run", help="run or checkpoint folder")
+    p.add_argument("--data", default=None, help="data file (default: the config's data.test, then data.valid)")
+    p.add_argument("--data-format", choices=FORMATS, default=None)
+    p.add_argument("--out", default=None, help="predictions JSONL (default: RUN/predictions.jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(takes_overrides=True)
+
+    p = _add(sub, "eval", cmd_eval)
+    p.add_argument("run", help="run folder (reads RUN/predictions.jsonl, writes RUN/eval/)")
+    p.add_argument("--predictions", default=None)
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
+    p.set_defaults(takes_overrides=True)
+
+    p = _add(sub, "compare", cmd_compare)
+    p.add_argument("runs", nargs="+", help="evaluated run folders (or metrics.json files); the first is the base")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
     return parser
 
 

@@ -102,12 +102,37 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    max_new_tokens: int = 32  # the paper's evaluation: greedy, 32 new tokens
+    batch_size: int = 16
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # the paper's chat: 4 (with num_beams 10)
+    stop: list[str] = field(default_factory=lambda: ["Q:", "R:", "\n", ":"])  # cut the reply at the first
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    bertscore_model: str | None = None  # None: the paper's deberta-xlarge-mnli online, a local MiniLM offline
+    bertscore_layers: int | None = None
+    meteor: bool = True  # computed when NLTK's WordNet data is available; otherwise reported as skipped
+    samples: int = 10  # sample predictions in the report
+
+
+@dataclass
 class Config:
     method: Method = "spt"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     spt: SPTConfig = field(default_factory=SPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -129,7 +154,10 @@ def validate(cfg: Config) -> None:
         "train.eval_batch_size": cfg.train.eval_batch_size, "train.max_bad_steps": cfg.train.max_bad_steps,
         "train.log_every": cfg.train.log_every, "model.scratch.n_layer": cfg.model.scratch.n_layer,
         "model.scratch.n_embd": cfg.model.scratch.n_embd, "model.scratch.n_head": cfg.model.scratch.n_head,
-        "spt.retriever_layers": cfg.spt.retriever_layers,
+        "spt.retriever_layers": cfg.spt.retriever_layers, "generate.max_new_tokens": cfg.generate.max_new_tokens,
+        "generate.batch_size": cfg.generate.batch_size, "generate.num_beams": cfg.generate.num_beams,
+        "generate.temperature": cfg.generate.temperature, "generate.top_p": cfg.generate.top_p,
+        "generate.repetition_penalty": cfg.generate.repetition_penalty,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -140,6 +168,8 @@ def validate(cfg: Config) -> None:
         "spt.sel_noise_sigma": cfg.spt.sel_noise_sigma, "spt.selection_noise": cfg.spt.selection_noise,
         "train.weight_decay": cfg.train.weight_decay, "train.warmup_steps": cfg.train.warmup_steps,
         "train.max_grad_norm": cfg.train.max_grad_norm, "train.eval_every": cfg.train.eval_every,
+        "generate.top_k": cfg.generate.top_k, "generate.no_repeat_ngram_size": cfg.generate.no_repeat_ngram_size,
+        "eval.samples": cfg.eval.samples,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -179,6 +209,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

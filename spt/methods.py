@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 
 from .batching import EncodedDataset, collate
 from .checkpoint import check_shapes, read_checkpoint, resolve_checkpoint, save_trainable
-from .config import Config
+from .config import Config, GenerateConfig
+from .format import DialogueFormatter
+from .generate import Generation, generate_spt
 from .model import SPTModel
 from .modeling import load_lm, load_tokenizer
 
@@ -73,6 +75,18 @@ class SPTMethod:
     def save(self, folder: Path, cfg: Config, trainer_state: dict | None) -> None:
         save_trainable(folder, self.model.trainable_state_dict(), cfg, trainer_state)
 
+    def formatter(self) -> DialogueFormatter:
+        return DialogueFormatter(self.tokenizer, self.cfg.data.max_length, self.cfg.data.max_context_turns)
+
+    def generate(self, examples, gen: GenerateConfig, progress: bool = False,
+                 score_references: bool = True) -> list[Generation]:
+        return generate_spt(self.model, self.tokenizer, self.formatter(), examples, gen,
+                            self.cfg.spt.selection_noise, score_references, progress)
+
+    @property
+    def num_prompts(self) -> int | None:
+        return self.model.K
+
     @torch.no_grad()
     def evaluate_loss(self, ds: EncodedDataset, batch_size: int, device, autocast) -> dict:
         """Validation loss under the retriever's pick, plus oracle/mean-prompt losses and selection stats."""
@@ -111,11 +125,12 @@ def build_method(cfg: Config):
     return METHODS[cfg.method](cfg)
 
 
-def load_method(path: str | Path):
+def load_method(path: str | Path, device: str | None = None):
     """Rebuild a trained method (base model + trained tensors) from a checkpoint or run folder."""
     folder = resolve_checkpoint(path)
     cfg, tensors, _ = read_checkpoint(folder)
     method = build_method(cfg)
     method.load_trainable(tensors, folder)
-    method.model.eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    method.model.to(device).eval()
     return method

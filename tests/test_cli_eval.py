@@ -1,0 +1,66 @@
+"""spt train -> spt generate -> spt eval -> spt compare through the real CLI, and the Python API."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import spt
+from spt.cli import main
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+METRIC_KEYS = {"f1", "f1_unnormalized", "bleu", "bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL",
+               "dist1", "dist2", "ppl", "avg_len", "selection", "selection_by_style"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_dir, synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "spt"
+    assert main(["train", "--config", TINY, "--output-dir", str(out), "--no-progress",
+                 f"--model.name_or_path={tiny_lm_dir}", f"--data.train={synth_dir / 'train.jsonl'}",
+                 f"--data.valid={synth_dir / 'valid.jsonl'}"]) == 0
+    return out
+
+
+def test_generate_eval_compare(trained, synth_dir, tmp_path, capsys):
+    assert main(["generate", str(trained), "--data", str(synth_dir / "valid.jsonl"), "--limit", "24",
+                 "--no-progress", "--generate.max_new_tokens=8", "--generate.batch_size=8"]) == 0
+    rows = [json.loads(line) for line in (trained / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    assert {"persona", "context", "reference", "prediction", "prompt", "scores", "style"} <= set(rows[0])
+    assert all(0 <= r["prompt"] < 2 and len(r["scores"]) == 2 for r in rows)
+
+    assert main(["eval", str(trained), "--eval.bertscore_model=none-such-model-folder", "--eval.meteor=false"]) == 0
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS
+    assert all(isinstance(metrics[k], float) for k in METRIC_KEYS - {"selection", "selection_by_style"})
+    assert "could not be loaded" in metrics["bertscore_skipped"]  # said clearly, not silently dropped
+    assert sum(metrics["selection"]["histogram"]) == 24
+    for name in ("report.md", "selection.png", "loss_curves.png"):
+        assert (trained / "eval" / name).stat().st_size > 100
+    report = (trained / "eval" / "report.md").read_text()
+    assert "| run | F1 | BLEU | ROUGE-1" in report and "## Samples" in report
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**metrics, "f1": metrics["f1"] + 1.0, "dist2": metrics["dist2"] * 2 + 1}))
+    capsys.readouterr()
+    assert main(["compare", str(trained), str(other), "--out", str(tmp_path / "cmp.md")]) == 0
+    table = capsys.readouterr().out
+    assert "AVG" in table and "| other |" in table and (tmp_path / "cmp.md").read_text().strip() == table.strip()
+
+
+def test_python_api(trained):
+    bot = spt.load(trained)
+    reply = bot.respond(["i have a dog.", "i love hiking."], ["hi ! do you have pets ?"], max_new_tokens=6)
+    assert isinstance(reply.text, str) and reply.prompt in (0, 1) and len(reply.scores) == 2
+    outs = bot.generate([spt.Example(("i ski.",), ("hello",), "hi")], max_new_tokens=4)
+    assert len(outs) == 1 and outs[0].ref_nll is not None
+    with pytest.raises(ValueError, match="unknown generation option"):
+        bot.respond(["i ski."], ["hi"], beams=3)
+
+
+def test_eval_bad_predictions_file(tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prediction": "a", "reference": "b"}\n{"prediction": 3}\n')
+    assert main(["eval", str(tmp_path), "--predictions", str(bad)]) == 2
+    assert "p.jsonl:2: field 'prediction'" in capsys.readouterr().err
