@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config
+from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,12 @@ def save_trainable(folder: Path, tensors: dict[str, torch.Tensor], cfg: Config,
     atomic_dir(folder, write)
 
 
-def read_checkpoint(folder: Path) -> tuple[Config, dict[str, torch.Tensor], dict | None]:
+def read_trainable(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    cfg = load_config(folder / CONFIG)
-    tensors = load_file(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else {}
-    state = torch.load(folder / TRAINER_STATE, weights_only=False) if (folder / TRAINER_STATE).is_file() else None
-    return cfg, tensors, state
+    if not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS}")
+    return load_file(folder / WEIGHTS)
 
 
 def check_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: Path,

@@ -54,6 +54,7 @@ class DataConfig:
     max_length: int = 512  # text tokens per example (soft prompt tokens come on top)
     max_context_turns: int | None = None  # keep only the newest N history turns
     strict: bool = False  # fail on malformed input instead of skipping (counted, logged)
+    instruction: str = ""  # text placed before "given persona:" (textual prompting's instruction template)
     max_train_examples: int | None = None  # first N examples only (quick runs)
     max_valid_examples: int | None = None
 
@@ -78,6 +79,17 @@ class SPTConfig:
     fusion_weights: Literal["raw", "softmax"] = "raw"  # raw retriever scores (paper) or softmax over K
     ctr_bleu_threshold: float = 20.0  # personas with sentence BLEU above this are "similar"
     selection_noise: float = 0.0  # Gaussian noise on scores before argmax at inference
+
+
+@dataclass
+class BaselineConfig:
+    """Options of the baselines (methods finetune and lora)."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None: peft's default for the model family
+    loss_on: Literal["response", "all"] = "response"  # finetune: "all" trains every token (LM pretraining)
 
 
 @dataclass
@@ -130,11 +142,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     spt: SPTConfig = field(default_factory=SPTConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.method == "pt":  # prompt tuning is SPT with one prompt and the LM loss only
+            self.spt.K, self.spt.lambda_sel, self.spt.lambda_fus, self.spt.lambda_ctr = 1, 0.0, 0.0, 0.0
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +198,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_context_turns must be >= 0 or null, got {cfg.data.max_context_turns}")
     if cfg.spt.prompt_init == "text" and not cfg.spt.prompt_init_text.strip():
         raise ConfigError("spt.prompt_init_text must be set when spt.prompt_init is 'text'")
+    if cfg.model.init == "scratch" and cfg.method != "finetune":
+        raise ConfigError(f"model.init=scratch needs method=finetune (got {cfg.method}): train the base LM first, "
+                          "then point model.name_or_path at its checkpoint")
+    if cfg.baseline.lora_r <= 0 or not 0 <= cfg.baseline.lora_dropout < 1:
+        raise ConfigError(f"baseline.lora_r must be > 0 and baseline.lora_dropout in [0, 1), got "
+                          f"{cfg.baseline.lora_r}, {cfg.baseline.lora_dropout}")
     if cfg.model.scratch.n_embd % cfg.model.scratch.n_head:
         raise ConfigError(f"model.scratch.n_embd ({cfg.model.scratch.n_embd}) must be divisible by "
                           f"model.scratch.n_head ({cfg.model.scratch.n_head})")

@@ -36,9 +36,14 @@ class Encoded:
         return self.input_ids[: self.prompt_len]
 
 
-def render_segments(persona: tuple[str, ...] | list[str], context: tuple[str, ...] | list[str]) -> list[str]:
-    """The template as text pieces: [header, turn_1, ..., turn_m, " R:"]; their concatenation is the input."""
+def render_segments(persona: tuple[str, ...] | list[str], context: tuple[str, ...] | list[str],
+                    instruction: str = "") -> list[str]:
+    """The template as text pieces: [header, turn_1, ..., turn_m, " R:"]; their concatenation is the input.
+
+    ``instruction`` (textual prompting) goes before the persona, inside the header."""
     header = "given persona: " + " ".join(p.strip() for p in persona) + "; context:"
+    if instruction.strip():
+        header = f"{instruction.strip()} {header}"
     m = len(context)
     turns = [f" {'Q' if (m - i) % 2 == 1 else 'R'}: {t.strip()}" for i, t in enumerate(context)]
     return [header, *turns, " R:"]
@@ -57,7 +62,8 @@ class DialogueFormatter:
     per-piece tokenisation artefacts such as SentencePiece's extra leading "▁").
     """
 
-    def __init__(self, tokenizer, max_length: int = 512, max_context_turns: int | None = None):
+    def __init__(self, tokenizer, max_length: int = 512, max_context_turns: int | None = None,
+                 instruction: str = ""):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; spt needs one to end responses")
         if not getattr(tokenizer, "is_fast", False):
@@ -69,6 +75,7 @@ class DialogueFormatter:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_context_turns = max_context_turns
+        self.instruction = instruction
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos = tokenizer.eos_token_id
 
@@ -86,7 +93,7 @@ class DialogueFormatter:
         context = list(context)
         if self.max_context_turns is not None:
             context = context[len(context) - self.max_context_turns:] if self.max_context_turns else []
-        segments = render_segments(persona, context)
+        segments = render_segments(persona, context, self.instruction)
         if response is not None:
             segments.append(" " + response.strip())
         pieces = self._tokenize_segments(segments)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from .batching import Item, collate
 from .config import GenerateConfig
 from .data import Example
-from .format import IGNORE_INDEX, DialogueFormatter
+from .format import IGNORE_INDEX, DialogueFormatter, ResponseTooLong
 from .model import splice
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,31 @@ def _decode(tokenizer, out: torch.Tensor, cfg: GenerateConfig) -> list[tuple[str
 
 
 @torch.no_grad()
-def reference_nll(model, prompt_idx, formatter: DialogueFormatter, examples: Sequence[Example], device):
-    """Summed NLL and token count of each reference response (+ EOS) under the given prompts."""
-    items = [Item(formatter.encode(ex), 0, i) for i, ex in enumerate(examples)]
+def reference_nll(logits_fn, formatter: DialogueFormatter, examples: Sequence[Example], device):
+    """Summed NLL and token count of each reference response (+ EOS); (None, 0) where it does not fit.
+
+    ``logits_fn(input_ids, attention_mask, labels) -> (logits (N, V), targets (N,))`` at response positions."""
+    items, where = [], []
+    for i, ex in enumerate(examples):
+        try:
+            items.append(Item(formatter.encode(ex), 0, i))
+            where.append(i)
+        except ResponseTooLong:
+            continue
+    sums_out: list[float | None] = [None] * len(examples)
+    counts_out = [0] * len(examples)
+    if not items:
+        return sums_out, counts_out
     batch = collate(items, formatter.tokenizer.pad_token_id)
     labels = batch["labels"].to(device)
-    logits, targets = model.pair_logits(prompt_idx, batch["input_ids"].to(device),
-                                        batch["attention_mask"].to(device), labels)
+    logits, targets = logits_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
     nll = F.cross_entropy(logits.float(), targets, reduction="none")
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-    rows = torch.repeat_interleave(torch.arange(len(examples), device=nll.device), counts)
-    sums = torch.zeros(len(examples), device=nll.device).index_add_(0, rows, nll)
-    return sums.tolist(), counts.tolist()
+    rows = torch.repeat_interleave(torch.arange(len(items), device=nll.device), counts)
+    sums = torch.zeros(len(items), device=nll.device).index_add_(0, rows, nll)
+    for j, i in enumerate(where):
+        sums_out[i], counts_out[i] = float(sums[j]), int(counts[j])
+    return sums_out, counts_out
 
 
 @torch.no_grad()
@@ -105,8 +119,33 @@ def generate_spt(model, tokenizer, formatter: DialogueFormatter, examples: Seque
         k = model.select(S, selection_noise, g)  # (B,)
         sp = splice(model.prompts[k], E, mask)
         out = lm.generate(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, **kw)
-        refs = reference_nll(model, k, formatter, chunk, device) if score_references else None
+        refs = reference_nll(partial(_with_prompts, model, k), formatter, chunk, device) \
+            if score_references else None
         for i, (pred, raw) in enumerate(_decode(tokenizer, out, cfg)):
             outputs.append(Generation(pred, raw, int(k[i]), [round(float(x), 5) for x in S[:, i]],
-                                      refs[0][i] if refs else None, int(refs[1][i]) if refs else 0))
+                                      refs[0][i] if refs else None, refs[1][i] if refs else 0))
+    return outputs
+
+
+def _with_prompts(model, k, input_ids, attention_mask, labels):
+    return model.pair_logits(k, input_ids, attention_mask, labels)
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, formatter: DialogueFormatter, examples: Sequence[Example],
+                  cfg: GenerateConfig, score_references: bool = True, progress: bool = False) -> list[Generation]:
+    """Plain text generation for methods without a prompt bank (textual, finetune, lora), batched."""
+    lm = model.lm
+    device = next(lm.parameters()).device
+    kw = generation_kwargs(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    outputs: list[Generation] = []
+    for start in tqdm(range(0, len(examples), cfg.batch_size), desc="generate", disable=not progress):
+        chunk = examples[start:start + cfg.batch_size]
+        ids, mask = left_pad([formatter.encode_prompt(ex.persona, ex.context, reserve=cfg.max_new_tokens)
+                              for ex in chunk], tokenizer.pad_token_id)
+        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)[:, ids.shape[1]:]
+        refs = reference_nll(model.response_logits, formatter, chunk, device) if score_references else None
+        for i, (pred, raw) in enumerate(_decode(tokenizer, out, cfg)):
+            outputs.append(Generation(pred, raw, None, [], refs[0][i] if refs else None, refs[1][i] if refs else 0))
     return outputs

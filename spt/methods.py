@@ -1,7 +1,11 @@
-"""What differs between training methods, behind one small interface the trainer and generator use.
+"""What differs between training methods, behind one small interface the trainer, generator and API use.
 
-``spt`` (and ``pt``, which is SPT with K=1 and no auxiliary losses) train a prompt bank and
-retriever on a frozen LM; the checkpoint holds only those tensors.
+- ``spt``: a bank of K soft prompts + retriever on a frozen LM (checkpoint: those tensors only).
+- ``pt``: SPT with K=1 and the LM loss only (the config enforces it).
+- ``textual``: the frozen LM with persona and context in a textual prompt; nothing trains.
+- ``finetune``: every LM weight trains with the LM loss (checkpoint: a HuggingFace model folder);
+  ``model.init: scratch`` builds the LM and a BPE tokenizer from the training data first.
+- ``lora``: LoRA adapters via peft (checkpoint: a PEFT adapter folder).
 """
 
 from __future__ import annotations
@@ -12,16 +16,25 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .batching import EncodedDataset, collate
-from .checkpoint import check_shapes, read_checkpoint, resolve_checkpoint, save_trainable
-from .config import Config, GenerateConfig
-from .format import DialogueFormatter
-from .generate import Generation, generate_spt
-from .model import SPTModel
-from .modeling import load_lm, load_tokenizer
+from .checkpoint import (
+    CONFIG,
+    TRAINER_STATE,
+    atomic_dir,
+    check_shapes,
+    read_trainable,
+    resolve_checkpoint,
+    save_trainable,
+)
+from .config import Config, GenerateConfig, load_config
+from .format import IGNORE_INDEX, DialogueFormatter, render_text
+from .generate import Generation, generate_spt, generate_text
+from .model import SPTModel, response_logits, takes_position_ids
+from .modeling import build_scratch_lm, load_lm, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,60 +45,94 @@ def disable_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
-def build_lm(cfg: Config):
-    """(frozen-ready LM, tokenizer) for ``cfg.model``."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    lm = load_lm(cfg.model.name_or_path, cfg.model.dtype)
-    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
-        raise ValueError(f"tokenizer {cfg.model.tokenizer or cfg.model.name_or_path!r} has {len(tokenizer)} tokens "
-                         f"but the model's embedding table only {lm.get_input_embeddings().weight.shape[0]}")
+def build_lm(cfg: Config, weights: str | None = None):
+    """(LM, tokenizer) for ``cfg.model``; ``weights`` overrides where the LM (and tokenizer) load from."""
+    if cfg.model.init == "scratch" and weights is None:
+        return _scratch_lm(cfg)
+    source = weights or cfg.model.name_or_path
+    tokenizer = load_tokenizer(weights or cfg.model.tokenizer or cfg.model.name_or_path)
+    lm = load_lm(source, cfg.model.dtype)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"tokenizer of {source!r} has {len(tokenizer)} tokens but the model's embedding table {rows}")
     return lm, tokenizer
 
 
-class SPTMethod:
+def _scratch_lm(cfg: Config):
+    from .data import read_examples
+
+    if not cfg.data.train:
+        raise ValueError("model.init=scratch trains a tokenizer on data.train, which is not set")
+    examples = read_examples(cfg.data.train, cfg.data.format, cfg.data.strict)
+    texts = [render_text(e.persona, e.context, e.response) for e in examples]
+    s = cfg.model.scratch
+    tokenizer = train_tokenizer(texts, s.vocab_size)
+    lm = build_scratch_lm(len(tokenizer), s.n_layer, s.n_embd, s.n_head, s.n_positions, tokenizer.eos_token_id,
+                          seed=cfg.train.seed)
+    log.info("built a %d-layer, width-%d LM (%.2fM parameters) and a %d-token BPE tokenizer from scratch",
+             s.n_layer, s.n_embd, sum(p.numel() for p in lm.parameters()) / 1e6, len(tokenizer))
+    return lm, tokenizer
+
+
+class Method:
+    """The interface: a trainable ``model`` whose forward returns named losses, plus save/load/generate."""
+
+    trains = True
+    needs_persona_similarity = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.tokenizer = None
+        self.model: nn.Module
+
+    def formatter(self) -> DialogueFormatter:
+        d = self.cfg.data
+        return DialogueFormatter(self.tokenizer, d.max_length, d.max_context_turns, d.instruction)
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "query_mask")}
+
+    @property
+    def num_prompts(self) -> int | None:
+        return None
+
+    def _loader(self, ds: EncodedDataset, batch_size: int) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+
+
+class SPTMethod(Method):
     """Soft-prompt bank + retriever on a frozen LM (methods ``spt`` and ``pt``)."""
 
-    needs_persona_similarity = True
-
-    def __init__(self, cfg: Config, lm=None, tokenizer=None):
-        if lm is None:
-            lm, tokenizer = build_lm(cfg)
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: Config, checkpoint: Path | None = None):
+        super().__init__(cfg)
+        lm, self.tokenizer = build_lm(cfg)
         disable_dropout(lm)
         if cfg.model.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        text_ids = tokenizer(cfg.spt.prompt_init_text, add_special_tokens=False)["input_ids"] \
+        text_ids = self.tokenizer(cfg.spt.prompt_init_text, add_special_tokens=False)["input_ids"] \
             if cfg.spt.prompt_init == "text" else None
         self.model = SPTModel(lm, cfg.spt, text_ids, seed=cfg.train.seed)
         self.model.chunk_size = cfg.train.chunk_size
         if cfg.model.gradient_checkpointing:
             self.model.lm.train()  # HF checkpoints only in train mode; dropout is off anyway
         self.needs_persona_similarity = cfg.spt.lambda_ctr > 0 and cfg.spt.K > 1
+        if checkpoint is not None:
+            tensors = read_trainable(checkpoint)
+            check_shapes(self.model.trainable_state_dict(), tensors, checkpoint, cfg.model.name_or_path)
+            self.model.load_state_dict(tensors, strict=False)
 
-    @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-        keys = ("input_ids", "attention_mask", "labels", "query_mask")
-        return {k: batch[k].to(device) for k in keys}
-
-    def load_trainable(self, tensors: dict[str, torch.Tensor], where: Path) -> None:
-        expected = self.model.trainable_state_dict()
-        check_shapes(expected, tensors, where, self.cfg.model.name_or_path)
-        self.model.load_state_dict(tensors, strict=False)
+    @property
+    def num_prompts(self) -> int:
+        return self.model.K
 
     def save(self, folder: Path, cfg: Config, trainer_state: dict | None) -> None:
         save_trainable(folder, self.model.trainable_state_dict(), cfg, trainer_state)
-
-    def formatter(self) -> DialogueFormatter:
-        return DialogueFormatter(self.tokenizer, self.cfg.data.max_length, self.cfg.data.max_context_turns)
 
     def generate(self, examples, gen: GenerateConfig, progress: bool = False,
                  score_references: bool = True) -> list[Generation]:
         return generate_spt(self.model, self.tokenizer, self.formatter(), examples, gen,
                             self.cfg.spt.selection_noise, score_references, progress)
-
-    @property
-    def num_prompts(self) -> int | None:
-        return self.model.K
 
     @torch.no_grad()
     def evaluate_loss(self, ds: EncodedDataset, batch_size: int, device, autocast) -> dict:
@@ -93,11 +140,10 @@ class SPTMethod:
         model = self.model
         was_training = model.training
         model.eval()
-        loader = DataLoader(ds, batch_size=batch_size, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
         sums = {"selected": 0.0, "oracle": 0.0, "mean_prompt": 0.0}
         tokens = hits = n = 0
         hist = torch.zeros(model.K)
-        for batch in loader:
+        for batch in self._loader(ds, batch_size):
             with autocast():
                 p = model.pairs(**self.model_inputs(batch, device))
             counts = torch.bincount(p.token_example, minlength=p.L.shape[1]).float()
@@ -116,21 +162,111 @@ class SPTMethod:
                 "selection": hist.long().tolist()}
 
 
-METHODS = {"spt": SPTMethod, "pt": SPTMethod}
+class LMOnly(nn.Module):
+    """A causal LM trained (or not) with the LM loss alone; the LM head runs at labelled positions only."""
+
+    def __init__(self, lm: nn.Module, loss_on: str = "response"):
+        super().__init__()
+        self.lm = lm
+        self.loss_on = loss_on
+        body = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft: LoRA layers live inside
+        self._body = [body]  # not a submodule: its parameters are already lm's
+        self._takes_positions = takes_position_ids(body)
+
+    def response_logits(self, input_ids, attention_mask, labels):
+        body = self._body[0]
+        if self.loss_on == "all":
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return response_logits(body, body.get_input_embeddings()(input_ids), attention_mask, position_ids, labels,
+                               self._takes_positions)
+
+    def forward(self, input_ids, attention_mask, labels, query_mask=None, persona_sim=None):
+        logits, targets = self.response_logits(input_ids, attention_mask, labels)
+        loss = F.cross_entropy(logits.float(), targets)
+        return {"loss": loss, "llm": loss}
 
 
-def build_method(cfg: Config):
-    if cfg.method not in METHODS:
-        raise ValueError(f"method {cfg.method!r} is not implemented yet; available: {sorted(METHODS)}")
-    return METHODS[cfg.method](cfg)
+class LMMethod(Method):
+    """Methods without a prompt bank: ``textual`` (no training), ``finetune`` and ``lora``."""
+
+    needs_persona_similarity = False
+
+    def __init__(self, cfg: Config, checkpoint: Path | None = None):
+        super().__init__(cfg)
+        self.trains = cfg.method != "textual"
+        weights = str(checkpoint) if checkpoint is not None and cfg.method == "finetune" else None
+        lm, self.tokenizer = build_lm(cfg, weights)
+        if cfg.method == "lora":
+            lm = self._with_lora(lm, checkpoint)
+        elif cfg.method == "textual":
+            lm.requires_grad_(False)
+        if cfg.model.gradient_checkpointing and self.trains:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = LMOnly(lm, cfg.baseline.loss_on if cfg.method == "finetune" else "response")
+        self.model.train(self.trains)
+
+    def _with_lora(self, lm, checkpoint: Path | None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if checkpoint is not None:
+            return PeftModel.from_pretrained(lm, str(checkpoint), is_trainable=True)
+        b = self.cfg.baseline
+        lora = LoraConfig(task_type="CAUSAL_LM", r=b.lora_r, lora_alpha=b.lora_alpha, lora_dropout=b.lora_dropout,
+                          target_modules=b.lora_target_modules)
+        try:
+            return get_peft_model(lm, lora)
+        except ValueError as e:
+            raise ValueError(f"LoRA could not be applied to {self.cfg.model.name_or_path!r}: {e}; set "
+                             f"baseline.lora_target_modules to the names of its linear layers") from None
+
+    def save(self, folder: Path, cfg: Config, trainer_state: dict | None) -> None:
+        lm = self.model.lm
+
+        def write(tmp: Path) -> None:
+            if cfg.method in ("finetune", "lora"):
+                lm.save_pretrained(tmp)  # finetune: a HF model folder; lora: adapter_model + adapter_config
+            if cfg.method == "finetune":
+                self.tokenizer.save_pretrained(tmp)
+            cfg.save(tmp / CONFIG)
+            if trainer_state is not None:
+                torch.save(trainer_state, tmp / TRAINER_STATE)
+
+        atomic_dir(folder, write)
+
+    def generate(self, examples, gen: GenerateConfig, progress: bool = False,
+                 score_references: bool = True) -> list[Generation]:
+        return generate_text(self.model, self.tokenizer, self.formatter(), examples, gen, score_references, progress)
+
+    @torch.no_grad()
+    def evaluate_loss(self, ds: EncodedDataset, batch_size: int, device, autocast) -> dict:
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for batch in self._loader(ds, batch_size):
+            with autocast():
+                inputs = self.model_inputs(batch, device)
+                logits, targets = self.model.response_logits(inputs["input_ids"], inputs["attention_mask"],
+                                                             inputs["labels"])
+            total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            tokens += targets.numel()
+        self.model.train(was_training)
+        loss = total / tokens
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
-def load_method(path: str | Path, device: str | None = None):
-    """Rebuild a trained method (base model + trained tensors) from a checkpoint or run folder."""
+METHODS = {"spt": SPTMethod, "pt": SPTMethod, "textual": LMMethod, "finetune": LMMethod, "lora": LMMethod}
+
+
+def build_method(cfg: Config, checkpoint: Path | None = None) -> Method:
+    """The method of ``cfg``, fresh or with the trained state of ``checkpoint``."""
+    return METHODS[cfg.method](cfg, checkpoint)
+
+
+def load_method(path: str | Path, device: str | None = None) -> Method:
+    """Rebuild a trained method (base model + trained state) from a checkpoint or run folder."""
     folder = resolve_checkpoint(path)
-    cfg, tensors, _ = read_checkpoint(folder)
-    method = build_method(cfg)
-    method.load_trainable(tensors, folder)
+    method = build_method(load_config(folder / CONFIG), folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     method.model.to(device).eval()
     return method

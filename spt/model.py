@@ -55,6 +55,30 @@ def splice(prompt_embeds: torch.Tensor, token_embeds: torch.Tensor, attention_ma
     return Spliced(embeds, mask, position_ids, spliced_labels)
 
 
+def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None, labels: torch.Tensor, pass_positions: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the LM body, then its head only where a label follows: logits (N, V), targets (N,).
+
+    Rows are flattened in row-major order (row 0's response tokens first). Computing the
+    vocabulary projection at N response positions instead of every position is most of the saving
+    over a plain forward for short responses."""
+    kwargs = {"position_ids": position_ids} if pass_positions and position_ids is not None else {}
+    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           **kwargs).last_hidden_state  # (R, T, d)
+    targets = labels[:, 1:]
+    sel = targets != IGNORE_INDEX  # predict token t + 1 from position t
+    logits = lm.get_output_embeddings()(hidden[:, :-1][sel])  # (N, V)
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits, targets[sel]
+
+
+def takes_position_ids(lm: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(lm.base_model.forward).parameters
+
+
 def init_prompts(embeddings: torch.Tensor, K: int, n: int, mode: str = "vocab", text_ids: list[int] | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Initial prompt bank (K, n, d) in fp32.
@@ -100,7 +124,7 @@ class SPTModel(nn.Module):
         self.prompts = nn.Parameter(init_prompts(table, cfg.K, cfg.num_virtual_tokens, cfg.prompt_init, text_ids, g))
         self.retriever = Retriever(table.shape[1], cfg.retriever, cfg.softplus_beta, cfg.softplus_threshold,
                                    cfg.retriever_layers)
-        self._takes_positions = "position_ids" in inspect.signature(lm.base_model.forward).parameters
+        self._takes_positions = takes_position_ids(lm)
         self.chunk_size: int | None = None
 
     def train(self, mode: bool = True):
@@ -134,16 +158,8 @@ class SPTModel(nn.Module):
                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, V) and targets (N,) at the response positions of R rows, in row-major order."""
         sp = splice(prompt_rows, embeds, mask, labels)
-        kwargs = {"position_ids": sp.position_ids} if self._takes_positions else {}
-        hidden = self.lm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                                    **kwargs).last_hidden_state  # (R, n + T, d)
-        targets = sp.labels[:, 1:]
-        sel = targets != IGNORE_INDEX  # predict token t + 1 from position t
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][sel])  # (N, V)
-        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits, targets[sel]
+        return response_logits(self.lm, sp.inputs_embeds, sp.attention_mask, sp.position_ids, sp.labels,
+                               self._takes_positions)
 
     def pair_logits(self, prompt_idx: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor, token_embeds: torch.Tensor | None = None

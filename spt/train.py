@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batching import EncodedDataset, LengthGroupedBatches, PersonaSimilarity, collate
-from .checkpoint import TRAINER_STATE, read_checkpoint, resolve_checkpoint
+from .checkpoint import TRAINER_STATE, resolve_checkpoint
 from .config import Config
 from .data import read_examples
 from .format import DialogueFormatter
@@ -95,21 +95,21 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
 
     start = time.time()
     output_dir = Path(output_dir)
-    state = None
+    state, ckpt = None, None
     if resume is not None:
         ckpt = resolve_checkpoint(resume, prefer="checkpoint-last")
-        _, tensors, state = read_checkpoint(ckpt)
-        if state is None:
+        if not (ckpt / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{ckpt} has no {TRAINER_STATE}; only checkpoint-last can be resumed")
+        state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
     if not cfg.data.train:
         raise ValueError("data.train is not set: pass --data.train=FILE or a config that names it")
     seed_everything(cfg.train.seed)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
-    method = build_method(cfg)
-    if resume is not None:
-        method.load_trainable(tensors, ckpt)
-    formatter = DialogueFormatter(method.tokenizer, cfg.data.max_length, cfg.data.max_context_turns)
+    method = build_method(cfg, ckpt)
+    if not method.trains:
+        return _no_training(method, cfg, output_dir, accelerator, start)
+    formatter = method.formatter()
     train_ds = load_split(cfg, "train", formatter, cfg.data.max_train_examples)
     valid_ds = load_split(cfg, "valid", formatter, cfg.data.max_valid_examples)
     sampler = LengthGroupedBatches(train_ds.lengths(), cfg.train.batch_size, cfg.train.seed,
@@ -224,4 +224,23 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     if accelerator.is_main_process:
         summary = {"step": step, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _no_training(method, cfg: Config, output_dir: Path, accelerator, start: float) -> TrainResult:
+    """Methods that do not train (textual): record the validation loss and a config-only checkpoint."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(output_dir / "config.yaml")
+    history = []
+    valid_ds = load_split(cfg, "valid", method.formatter(), cfg.data.max_valid_examples)
+    method.model.to(accelerator.device)
+    if valid_ds is not None:
+        result = method.evaluate_loss(valid_ds, cfg.train.eval_batch_size, accelerator.device, accelerator.autocast)
+        history.append({**result, "step": 0})
+        log.info("%s does not train; valid loss %.4f", cfg.method, result["loss"])
+    method.save(output_dir / "checkpoint-best", cfg, None)
+    best = history[0]["loss"] if history else None
+    result = TrainResult(output_dir, 0, best, history, time.time() - start)
+    (output_dir / "train_summary.json").write_text(json.dumps(
+        {"step": 0, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}, indent=2))
     return result
