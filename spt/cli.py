@@ -126,39 +126,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     Writes JSONL: persona, context, reference, prediction, selected prompt and the K scores.
     Generation options are dotted overrides, e.g. --generate.num_beams=4 --generate.max_new_tokens=32.
     """
-    import dataclasses
-
-    from .api import load
-    from .config import load_config, parse_overrides
+    from .config import parse_overrides
+    from .pipeline import generate_file
 
     overrides = parse_overrides(args.overrides)
-    bot = load(args.run)
-    gen_over = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("generate.")}
-    if set(overrides) - {f"generate.{k}" for k in gen_over}:
-        raise ValueError(f"only --generate.* overrides apply here, got {sorted(overrides)}")
-    gen = load_config(None, {f"generate.{k}": v for k, v in
-                             {**dataclasses.asdict(bot.config.generate), **gen_over}.items()}).generate
-    cfg = bot.config
-    data = args.data or cfg.data.test or cfg.data.valid
-    if not data:
-        raise ValueError("no data to generate for: pass --data FILE")
-    examples = read_examples(data, args.data_format or cfg.data.format, cfg.data.strict)
-    if args.limit:
-        examples = examples[: args.limit]
-    outputs = bot.generate(examples, progress=not args.no_progress, **dataclasses.asdict(gen))
-    out = Path(args.out) if args.out else Path(args.run) / "predictions.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex, g in zip(examples, outputs, strict=True):
-            row = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": list(ex.persona),
-                   "context": list(ex.context), "reference": ex.response, "prediction": g.prediction, "raw": g.raw,
-                   "prompt": g.prompt, "scores": g.scores, "ref_nll": g.ref_nll, "ref_tokens": g.ref_tokens}
-            if ex.style:
-                row["style"] = ex.style
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-    print(f"wrote {len(outputs)} predictions to {out}")
+    unknown = [k for k in overrides if not k.startswith("generate.")]
+    if unknown:
+        raise ValueError(f"only --generate.* overrides apply here, got {unknown}")
+    out = generate_file(args.run, args.data, args.out, args.limit,
+                        {k.split(".", 1)[1]: v for k, v in overrides.items()}, args.data_format, not args.no_progress)
+    print(f"wrote predictions to {out}")
     return 0
 
 
@@ -168,25 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     Metrics: F1 (ParlAI-normalised and unnormalised), BLEU and BLEU-1..4 (sacreBLEU), ROUGE-1/2/L,
     DIST-1/2, perplexity of the references, BERTScore and METEOR where available, prompt selection.
     """
-    from .checkpoint import CONFIG, resolve_checkpoint
-    from .config import load_config, parse_overrides
-    from .report import compute_metrics, read_predictions, write_report
+    from .config import parse_overrides
+    from .pipeline import evaluate_file
 
-    run = Path(args.run)
-    preds = Path(args.predictions) if args.predictions else run / "predictions.jsonl"
-    overrides = parse_overrides(args.overrides)
-    try:
-        cfg = load_config(resolve_checkpoint(run) / CONFIG, overrides)
-    except FileNotFoundError:
-        cfg = load_config(None, overrides)
-    K = cfg.spt.K if cfg.method in ("spt", "pt") else None
-    rows = read_predictions(preds)
-    metrics = compute_metrics(rows, cfg.eval, K)
-    out = Path(args.out) if args.out else run / "eval"
-    path = write_report(out, run.name, metrics, rows, run if run.is_dir() else None, cfg.eval.samples)
+    metrics, report = evaluate_file(args.run, args.predictions, args.out, parse_overrides(args.overrides))
     keys = ("f1", "bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "dist1", "dist2", "meteor", "ppl")
     print(json.dumps({k: round(metrics[k], 3) for k in keys if k in metrics}))
-    print(f"report: {path}")
+    print(f"report: {report}")
     return 0
 
 
@@ -198,6 +163,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         Path(args.out).write_text(table)
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Run a study: each arm of the experiment file is trained, generated and evaluated, then compared.
+
+    Finished arms (with eval/metrics.json) are skipped, so an interrupted study continues where it stopped.
+    """
+    from .experiment import load_experiment, run_experiment
+
+    exp = load_experiment(args.config, args.output_dir)
+    table = run_experiment(exp, Path(args.config).parent, progress=not args.no_progress)
+    print(table)
+    print(f"comparison: {exp.output_dir / 'comparison.md'}")
     return 0
 
 
@@ -266,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None)
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.set_defaults(takes_overrides=True)
+
+    p = _add(sub, "experiment", cmd_experiment)
+    p.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
+    p.add_argument("--output-dir", default=None, help="overrides the file's output_dir")
+    p.add_argument("--no-progress", action="store_true")
 
     p = _add(sub, "compare", cmd_compare)
     p.add_argument("runs", nargs="+", help="evaluated run folders (or metrics.json files); the first is the base")

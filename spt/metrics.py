@@ -89,7 +89,7 @@ def selection_stats(selected: Sequence[int], K: int) -> dict:
     hist = [counts.get(k, 0) for k in range(K)]
     total = sum(hist)
     probs = [c / total for c in hist if c]
-    entropy = -sum(p * math.log(p) for p in probs)
+    entropy = max(0.0, -sum(p * math.log(p) for p in probs))
     return {"histogram": hist, "entropy": entropy, "entropy_normalized": entropy / math.log(K) if K > 1 else 0.0}
 
 

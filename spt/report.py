@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 # (key in metrics.json, column title) in the layout of the paper's table
 TABLE = [("f1", "F1"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
          ("bertscore_f1", "BERTScore"), ("dist1", "DIST-1"), ("dist2", "DIST-2"), ("meteor", "METEOR"),
-         ("ppl", "PPL")]
+         ("ppl", "PPL"), ("train_min", "train min")]
 LOWER_IS_BETTER = {"ppl"}
+NOT_QUALITY = {"train_min"}  # shown in tables, left out of relative change and AVG
 
 
 def read_predictions(path: str | Path) -> list[dict]:
@@ -188,7 +189,7 @@ def compare(named: list[tuple[str, dict]]) -> str:
         raise ValueError("nothing to compare")
     table = metrics_table(named)
     base_name, base = named[0]
-    cols = [(k, t) for k, t in TABLE if all(isinstance(m.get(k), float) for _, m in named)]
+    cols = [(k, t) for k, t in TABLE if k not in NOT_QUALITY and all(isinstance(m.get(k), float) for _, m in named)]
     lines = ["", f"Relative change from {base_name} (%; for PPL a decrease counts as a gain):", "",
              "| run | " + " | ".join(t for _, t in cols) + " | AVG |", "|---|" + "---:|" * (len(cols) + 1)]
     for name, m in named[1:]:
@@ -207,3 +208,26 @@ def load_run_metrics(path: str | Path) -> tuple[str, dict]:
         if cand.is_file() and cand.suffix == ".json":
             return (path.name if cand != path else path.stem), json.loads(cand.read_text())
     raise FileNotFoundError(f"{path}: no eval/metrics.json (run spt eval on it first)")
+
+
+def comparison_plot(named: list[tuple[str, dict]], path: Path) -> None:
+    """Grouped bars of the quality metrics, one group per metric and one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [(k, t) for k, t in TABLE if k not in NOT_QUALITY | LOWER_IS_BETTER
+            and all(isinstance(m.get(k), float) for _, m in named)]
+    if not cols:
+        return
+    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 3.5))
+    width = 0.8 / len(named)
+    for i, (name, m) in enumerate(named):
+        ax.bar([j + i * width for j in range(len(cols))], [m[k] for k, _ in cols], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))])
+    ax.set_xticklabels([t for _, t in cols], fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

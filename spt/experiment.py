@@ -1,0 +1,157 @@
+"""``spt experiment``: run a list of arms (train -> generate -> eval each), skip what is finished, compare.
+
+An experiment file:
+
+    name: paper-opt125m
+    config: configs/spt-opt125m-convai2.yaml   # base config for every arm
+    output_dir: runs/paper-opt125m
+    split:                                       # optional: split one file by dialogue first
+      source: valid_self_original_no_cands.txt
+      fractions: train=0.8,valid=0.2
+    overrides: {train.max_steps: 100}            # dotted overrides for every arm
+    generate: {limit: 500}                       # optional: data, limit, and generate.* options
+    arms:
+      - {name: pt, overrides: {method: pt}}
+      - {name: spt}
+      - {name: base-lm, overrides: {...}, compare: false}
+      - {name: spt-on-base, base_model_from: base-lm}   # model.name_or_path = that arm's best checkpoint
+
+Each arm gets a folder under ``output_dir``; an arm with ``eval/metrics.json`` is finished and
+skipped; an arm interrupted mid-training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    base_model_from: str | None = None
+    compare: bool = True
+
+
+@dataclass
+class Experiment:
+    name: str
+    output_dir: Path
+    config: Path | None
+    overrides: dict[str, Any]
+    arms: list[Arm]
+    split: dict[str, Any] | None = None
+    generate: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(path: str, rel_to: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else rel_to / p
+
+
+def load_experiment(path: str | Path, output_dir: str | None = None) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {"name", "config", "output_dir", "overrides", "arms", "split", "generate"}
+    if unknown := sorted(set(raw) - known):
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    if not raw.get("arms"):
+        raise ConfigError(f"{path}: 'arms' must list at least one arm")
+    arms = []
+    for i, a in enumerate(raw["arms"]):
+        if not isinstance(a, dict) or "name" not in a:
+            raise ConfigError(f"{path}: arms[{i}] needs a name")
+        bad = sorted(set(a) - {"name", "overrides", "base_model_from", "compare"})
+        if bad:
+            raise ConfigError(f"{path}: arms[{i}] ({a['name']}): unknown key(s) {bad}")
+        arms.append(Arm(a["name"], a.get("overrides") or {}, a.get("base_model_from"), a.get("compare", True)))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: arm names must be unique, got {names}")
+    for a in arms:
+        if a.base_model_from is not None and a.base_model_from not in names[: names.index(a.name)]:
+            raise ConfigError(f"{path}: arm {a.name}: base_model_from {a.base_model_from!r} must name an earlier arm")
+    here = path.parent
+    return Experiment(
+        name=raw.get("name", path.stem), output_dir=Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"),
+        config=_resolve(raw["config"], here) if raw.get("config") else None, overrides=raw.get("overrides") or {},
+        arms=arms, split=raw.get("split"), generate=raw.get("generate") or {},
+    )
+
+
+def _prepare_split(exp: Experiment, here: Path) -> dict[str, str]:
+    from .data import parse_fractions, read_examples, split_by_dialogue, write_jsonl
+
+    spec = exp.split
+    data_dir = exp.output_dir / "data"
+    fractions = parse_fractions(spec.get("fractions", "train=0.8,valid=0.2"))
+    files = {name: data_dir / f"{name}.jsonl" for name in fractions}
+    if not all(f.is_file() for f in files.values()):
+        source = _resolve(spec["source"], here)
+        parts = split_by_dialogue(read_examples(source, spec.get("format")), fractions, spec.get("seed", 0))
+        for name, part in parts.items():
+            write_jsonl(part, files[name])
+    return {f"data.{name}": str(f) for name, f in files.items() if name in ("train", "valid", "test")}
+
+
+def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = True) -> str:
+    """Run every unfinished arm; return the comparison table (also written to output_dir/comparison.md)."""
+    from .pipeline import evaluate_file, generate_file
+    from .report import compare, comparison_plot
+    from .train import train
+
+    exp.output_dir.mkdir(parents=True, exist_ok=True)
+    data_overrides = _prepare_split(exp, here) if exp.split else {}
+    timings_path = exp.output_dir / "timings.json"
+    timings: dict[str, dict[str, float]] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    gen = dict(exp.generate)
+    gen_data, limit = gen.pop("data", None), gen.pop("limit", None)
+    for arm in exp.arms:
+        arm_dir = exp.output_dir / arm.name
+        if (arm_dir / "eval" / "metrics.json").is_file():
+            log.info("[%s] already finished; skipped", arm.name)
+            continue
+        overrides = {**data_overrides, **exp.overrides, **arm.overrides}
+        if arm.base_model_from:
+            overrides["model.name_or_path"] = str(exp.output_dir / arm.base_model_from / "checkpoint-best")
+        cfg = load_config(exp.config, overrides)
+        t = timings.setdefault(arm.name, {})
+        if not (arm_dir / "train_summary.json").is_file():
+            resume = arm_dir if (arm_dir / "checkpoint-last").is_dir() else None
+            log.info("[%s] training (%s)%s", arm.name, cfg.method, " — resuming" if resume else "")
+            start = time.time()
+            train(cfg, arm_dir, resume=resume, progress=progress)
+            t["train_s"] = time.time() - start
+        if arm.compare:
+            start = time.time()
+            generate_file(arm_dir, gen_data, limit=limit, gen_overrides=gen, progress=progress)
+            t["generate_s"] = time.time() - start
+            start = time.time()
+            evaluate_file(arm_dir)
+            t["eval_s"] = time.time() - start
+        else:
+            (arm_dir / "eval").mkdir(parents=True, exist_ok=True)
+            (arm_dir / "eval" / "metrics.json").write_text(json.dumps({"n": 0, "note": "not compared"}))
+        timings_path.write_text(json.dumps(timings, indent=2))
+    named = []
+    for arm in (a for a in exp.arms if a.compare):
+        metrics = json.loads((exp.output_dir / arm.name / "eval" / "metrics.json").read_text())
+        metrics["train_min"] = timings.get(arm.name, {}).get("train_s", float("nan")) / 60
+        named.append((arm.name, metrics))
+    table = compare(named)
+    (exp.output_dir / "comparison.md").write_text(f"# {exp.name}\n\n{table}")
+    comparison_plot(named, exp.output_dir / "comparison.png")
+    return table
