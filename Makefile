@@ -16,8 +16,7 @@ $(BIN)/spt: pyproject.toml
 install: $(BIN)/spt
 
 demo: install
-	$(BIN)/spt data synth --out runs/data --dialogues 2000 --split train=0.8,valid=0.1,test=0.1
-	$(BIN)/spt data stats runs/data/train.jsonl
+	$(BIN)/spt demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest

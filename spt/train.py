@@ -91,6 +91,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
           progress: bool = True) -> TrainResult:
     """Train ``cfg.method`` and write checkpoints under ``output_dir``; resume from a run folder."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import get_scheduler
 
     start = time.time()
@@ -104,6 +105,9 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     if not cfg.data.train:
         raise ValueError("data.train is not set: pass --data.train=FILE or a config that names it")
     seed_everything(cfg.train.seed)
+    # One process may train several runs (experiments, tests) with different precisions: reset the
+    # per-run accelerate state, keeping the distributed (process group) part.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
     method = build_method(cfg, ckpt)
