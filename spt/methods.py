@@ -114,8 +114,7 @@ class SPTMethod(Method):
             if cfg.spt.prompt_init == "text" else None
         self.model = SPTModel(lm, cfg.spt, text_ids, seed=cfg.train.seed)
         self.model.chunk_size = cfg.train.chunk_size
-        if cfg.model.gradient_checkpointing:
-            self.model.lm.train()  # HF checkpoints only in train mode; dropout is off anyway
+        self.model.train()
         self.needs_persona_similarity = cfg.spt.lambda_ctr > 0 and cfg.spt.K > 1
         if checkpoint is not None:
             tensors = read_trainable(checkpoint)

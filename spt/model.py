@@ -75,6 +75,11 @@ def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: 
     return logits, targets[sel]
 
 
+def activation_checkpointing(lm: nn.Module) -> bool:
+    flag = getattr(lm, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
+
+
 def takes_position_ids(lm: nn.Module) -> bool:
     return "position_ids" in inspect.signature(lm.base_model.forward).parameters
 
@@ -129,7 +134,9 @@ class SPTModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.lm.eval()  # the frozen LM never uses dropout
+        # The frozen LM stays in eval mode (no dropout), except under activation checkpointing, which
+        # HF applies only in train mode (SPTMethod has zeroed its dropout for that case).
+        self.lm.train(mode and activation_checkpointing(self.lm))
         return self
 
     @property

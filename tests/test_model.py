@@ -146,3 +146,28 @@ def test_k1_without_aux_losses_is_plain_lm_loss(tiny_tokenizer):
     out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "query_mask")})
     assert out["sel"].item() == out["fus"].item() == out["ctr"].item() == 0.0
     assert out["loss"].item() == pytest.approx(out["llm"].item())
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_tokenizer, tmp_path):
+    from spt.config import load_config, parse_overrides
+    from spt.methods import SPTMethod
+
+    path = tmp_path / "lm"
+    tiny_tokenizer.save_pretrained(path)
+    make_tiny_lm("gpt2", len(tiny_tokenizer)).save_pretrained(path)
+    grads = []
+    for ckpt in ("false", "true"):
+        args = [f"--model.name_or_path={path}", "--spt.K=2", "--spt.num_virtual_tokens=2",
+                f"--model.gradient_checkpointing={ckpt}"]
+        cfg = load_config(None, parse_overrides(args))
+        method = SPTMethod(cfg)
+        method.model.eval()
+        method.model.train()
+        assert method.model.lm.training == (ckpt == "true")  # HF checkpoints only in train mode
+        assert all(m.p == 0.0 for m in method.model.lm.modules() if isinstance(m, torch.nn.Dropout))
+        batch = _batch(tiny_tokenizer)
+        out = method.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "query_mask")})
+        out["loss"].backward()
+        grads.append((out["loss"].item(), method.model.prompts.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert grads[1][1].abs().sum() > 0 and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
