@@ -135,8 +135,11 @@ def write_demo_report(out: Path, stages: dict[str, float], quick: bool) -> dict:
             ("dist1", "DIST-1"), ("dist2", "DIST-2"), ("ppl", "PPL")]
     keys = [(k, t) for k, t in keys if isinstance(spt.get(k), float) and isinstance(pt.get(k), float)]
     better = [t for k, t in keys if (spt[k] < pt[k] if k == "ppl" else spt[k] > pt[k])]
-    verdict = (f"SPT beats PT on {len(better)} of {len(keys)} metrics ({', '.join(better) or 'none'}). "
-               + ("" if len(better) > len(keys) / 2 else "**On this run SPT does not beat PT overall.**"))
+    rel = [(pt[k] - spt[k] if k == "ppl" else spt[k] - pt[k]) / abs(pt[k]) * 100 for k, _ in keys if pt[k]]
+    avg = sum(rel) / len(rel) if rel else 0.0
+    verdict = (f"SPT beats PT on {len(better)} of {len(keys)} metrics ({', '.join(better) or 'none'}); "
+               f"average relative change {avg:+.1f}%. "
+               + ("" if len(better) > len(keys) / 2 and avg > 0 else "**On this run SPT does not beat PT overall.**"))
     by_style = spt.get("selection_by_style", {})
     routing, nmi = routing_accuracy(by_style), style_prompt_nmi(by_style)
     base_summary = json.loads((out / "base-lm" / "train_summary.json").read_text())
