@@ -20,9 +20,12 @@ from spt.format import IGNORE_INDEX
 from spt.model import SPTModel, splice
 
 
-def paper_step(model: SPTModel, b: dict, pad_to: int = 512) -> None:
-    """K passes, each row padded to ``pad_to``, full logits; the losses' sum is back-propagated."""
+def paper_step(model: SPTModel, b: dict) -> None:
+    """K passes, each row padded to 512 tokens (less the prompt where the model has only 512 positions),
+    full logits; the losses' sum is back-propagated."""
     ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+    limit = getattr(model.lm.config, "n_positions", None) or getattr(model.lm.config, "max_position_embeddings", 2048)
+    pad_to = min(512, limit - model.prompts.shape[1])
     pad = pad_to - ids.shape[1]
     ids = F.pad(ids, (0, pad), value=0)
     mask = F.pad(mask, (0, pad), value=0)
