@@ -21,7 +21,7 @@ from pathlib import Path
 from .data import split_by_dialogue, write_jsonl
 from .data.synth import STYLES, synth_examples
 from .experiment import Arm, Experiment, run_experiment
-from .report import compare
+from .report import compare, load_run_metrics, read_predictions
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, progress: bool = Tru
 
 
 def _load(out: Path, arm: str) -> tuple[dict, list[dict]]:
-    metrics = json.loads((out / arm / "eval" / "metrics.json").read_text())
-    rows = [json.loads(x) for x in (out / arm / "predictions.jsonl").read_text().splitlines() if x.strip()]
-    return metrics, rows
+    return load_run_metrics(out / arm)[1], read_predictions(out / arm / "predictions.jsonl")
 
 
 def routing_accuracy(by_style: dict[str, list[int]]) -> float:

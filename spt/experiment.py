@@ -110,7 +110,7 @@ def _prepare_split(exp: Experiment, here: Path) -> dict[str, str]:
 def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = True) -> str:
     """Run every unfinished arm; return the comparison table (also written to output_dir/comparison.md)."""
     from .pipeline import evaluate_file, generate_file
-    from .report import compare, comparison_plot
+    from .report import compare, comparison_plot, load_run_metrics
     from .train import train
 
     exp.output_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
         timings_path.write_text(json.dumps(timings, indent=2))
     named = []
     for arm in (a for a in exp.arms if a.compare):
-        metrics = json.loads((exp.output_dir / arm.name / "eval" / "metrics.json").read_text())
+        metrics = load_run_metrics(exp.output_dir / arm.name)[1]
         metrics["train_min"] = timings.get(arm.name, {}).get("train_s", float("nan")) / 60
         named.append((arm.name, metrics))
     table = compare(named)

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from .batching import Item, collate
 from .config import GenerateConfig
 from .data import Example
-from .format import IGNORE_INDEX, DialogueFormatter, ResponseTooLong
-from .model import splice
+from .format import DialogueFormatter, ResponseTooLong
+from .losses import per_example_sum
+from .model import response_token_example, splice
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,8 @@ def reference_nll(logits_fn, formatter: DialogueFormatter, examples: Sequence[Ex
     labels = batch["labels"].to(device)
     logits, targets = logits_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
     nll = F.cross_entropy(logits.float(), targets, reduction="none")
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-    rows = torch.repeat_interleave(torch.arange(len(items), device=nll.device), counts)
-    sums = torch.zeros(len(items), device=nll.device).index_add_(0, rows, nll)
+    rows, counts = response_token_example(labels)
+    sums = per_example_sum(nll[None], rows, len(items))[0]
     for j, i in enumerate(where):
         sums_out[i], counts_out[i] = float(sums[j]), int(counts[j])
     return sums_out, counts_out

@@ -14,12 +14,16 @@ def lm_loss(nll: torch.Tensor) -> torch.Tensor:
     return nll.mean()
 
 
+def per_example_sum(nll: torch.Tensor, token_example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Summed token NLL of each example under each prompt. nll (K, M), token_example (M,) -> (K, B)."""
+    K = nll.shape[0]
+    return torch.zeros(K, batch_size, dtype=nll.dtype, device=nll.device).index_add_(1, token_example, nll)
+
+
 def per_example_nll(nll: torch.Tensor, token_example: torch.Tensor, batch_size: int) -> torch.Tensor:
     """L[k, b]: mean token NLL of example b under prompt k. nll (K, M), token_example (M,) -> (K, B)."""
-    K = nll.shape[0]
-    sums = torch.zeros(K, batch_size, dtype=nll.dtype, device=nll.device).index_add_(1, token_example, nll)
     counts = torch.bincount(token_example, minlength=batch_size).clamp(min=1).to(nll.dtype)
-    return sums / counts
+    return per_example_sum(nll, token_example, batch_size) / counts
 
 
 def selection_loss(L: torch.Tensor, S: torch.Tensor, tau_gold: float = 1.0, tau_sim: float = 1.0,

@@ -75,6 +75,13 @@ def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: 
     return logits, targets[sel]
 
 
+def response_token_example(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For labels (B, T): the example index of each response token in row-major order (M,), and the
+    number of response tokens per example (B,), matching the order ``response_logits`` returns."""
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    return torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), counts), counts
+
+
 def activation_checkpointing(lm: nn.Module) -> bool:
     flag = getattr(lm, "is_activation_checkpointing", None)
     return bool(flag if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
@@ -195,8 +202,7 @@ class SPTModel(nn.Module):
         prompt_idx = torch.arange(K, device=input_ids.device).repeat_interleave(B)  # rows k*B + b
         logits, targets = self.pair_logits(prompt_idx, input_ids, attention_mask, labels, E)
         nll = F.cross_entropy(logits.float(), targets, reduction="none").view(K, -1)  # (K, M)
-        token_example = torch.repeat_interleave(
-            torch.arange(B, device=input_ids.device), (labels[:, 1:] != IGNORE_INDEX).sum(1))  # (M,)
+        token_example, _ = response_token_example(labels)  # (M,)
         L = losses.per_example_nll(nll, token_example, B)  # (K, B)
         M = nll.shape[1]
         return PairOutput(S, logits.view(K, M, -1), targets[:M], nll, token_example, L)
