@@ -180,8 +180,9 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
             for batch in batches:
                 batch_in_epoch += 1
                 sim = similarity.matrix(batch["persona_ids"]) if similarity is not None else None
-                with accelerator.accumulate(model), accelerator.autocast():
-                    out = model(**method.model_inputs(batch, accelerator.device), persona_sim=sim)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():  # the forward only; backward runs outside autocast
+                        out = model(**method.model_inputs(batch, accelerator.device), persona_sim=sim)
                     finite = bool(torch.isfinite(out["loss"]).item())
                     if finite:
                         bad_in_a_row = 0
