@@ -59,26 +59,59 @@ class DataConfig:
     max_valid_examples: int | None = None
 
 
+Recipe = Literal["routed", "paper"]
+
+# What ``spt.recipe`` sets. A field left unset (None) takes its recipe's value; an explicit value wins.
+# "paper" is the paper's (and its code's) equations exactly; "routed" adds what makes selection work on
+# any model: centred features, prompt keys started at k-means centroids, sharp temperatures, softmax
+# fusion, an LM loss weighted by routing, and load balancing (README: "Routing recipe").
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"center_features": False, "keys": "prompt_mean", "tau_sim": 1.0, "tau_gold": 1.0,
+              "fusion_weights": "raw", "lm_weighting": "uniform", "lambda_bal": 0.0},
+    "routed": {"center_features": True, "keys": "kmeans", "tau_sim": 0.1, "tau_gold": 0.1,
+               "fusion_weights": "softmax", "lm_weighting": "routed", "lambda_bal": 1.0},
+}
+
+
 @dataclass
 class SPTConfig:
     K: int = 4  # number of soft prompts in the bank
     num_virtual_tokens: int = 8  # n: tokens per soft prompt
     prompt_init: Literal["vocab", "random", "text"] = "vocab"  # sampled vocabulary embeddings by default
     prompt_init_text: str = ""  # with prompt_init: text, e.g. "respond in character :"
+    recipe: Recipe = "routed"  # preset for the fields marked (recipe) below; see RECIPES
     retriever: Literal["linear", "transformer"] = "linear"
     retriever_layers: int = 1  # transformer retriever only
     softplus_beta: float = 10.0
     softplus_threshold: float = 1.0
+    # (recipe) subtract the training contexts' mean pooled embedding before scoring: embedding tables are
+    # anisotropic, so raw pooled contexts all point one way and every example picks the same prompt
+    center_features: bool | None = None
+    # (recipe) what a prompt is scored by: "prompt_mean" = mean of its n tokens (paper); "kmeans" = a key
+    # vector of its own, started at a k-means centroid of the training contexts' features
+    keys: Literal["prompt_mean", "kmeans"] | None = None
     lambda_llm: float = 1.0
     lambda_sel: float = 0.4  # selection loss weight (paper: 0.4 for OPT, 1.0 for Llama-2-7B)
     lambda_fus: float = 1.0  # prompt fusion loss weight
     lambda_ctr: float = 0.4  # context-prompt contrastive loss weight
-    tau_gold: float = 1.0
-    tau_sim: float = 1.0
+    lambda_bal: float | None = None  # (recipe) load balance: KL(mean routing over the batch || uniform)
+    tau_gold: float | None = None  # (recipe) temperature of the selection target q = softmax(-L / tau_gold)
+    tau_sim: float | None = None  # (recipe) temperature of the routing p = softmax(S / tau_sim)
     sel_noise_sigma: float = 0.0  # Gaussian noise on the selection target q (paper's variant: 0.1)
-    fusion_weights: Literal["raw", "softmax"] = "raw"  # raw retriever scores (paper) or softmax over K
+    # (recipe) fusion mixes the K prompts' logits by the raw scores S (paper) or by p = softmax(S / tau_sim)
+    fusion_weights: Literal["raw", "softmax"] | None = None
+    # (recipe) LM loss over all K x B pairs alike (paper), or each pair weighted by the routing p (detached),
+    # so each prompt learns mostly from the examples routed to it and the prompts specialise
+    lm_weighting: Literal["uniform", "routed"] | None = None
     ctr_bleu_threshold: float = 20.0  # personas with sentence BLEU above this are "similar"
     selection_noise: float = 0.0  # Gaussian noise on scores before argmax at inference
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"spt.recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 @dataclass
@@ -150,6 +183,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.method == "pt":  # prompt tuning is SPT with one prompt and the LM loss only
             self.spt.K, self.spt.lambda_sel, self.spt.lambda_fus, self.spt.lambda_ctr = 1, 0.0, 0.0, 0.0
+            self.spt.lambda_bal, self.spt.lm_weighting = 0.0, "uniform"
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +213,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be > 0, got {value}")
     non_negative = {
         "spt.lambda_llm": cfg.spt.lambda_llm, "spt.lambda_sel": cfg.spt.lambda_sel,
-        "spt.lambda_fus": cfg.spt.lambda_fus, "spt.lambda_ctr": cfg.spt.lambda_ctr,
+        "spt.lambda_fus": cfg.spt.lambda_fus, "spt.lambda_ctr": cfg.spt.lambda_ctr, "spt.lambda_bal": cfg.spt.lambda_bal,
         "spt.sel_noise_sigma": cfg.spt.sel_noise_sigma, "spt.selection_noise": cfg.spt.selection_noise,
         "train.weight_decay": cfg.train.weight_decay, "train.warmup_steps": cfg.train.warmup_steps,
         "train.max_grad_norm": cfg.train.max_grad_norm, "train.eval_every": cfg.train.eval_every,

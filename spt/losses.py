@@ -14,6 +14,28 @@ def lm_loss(nll: torch.Tensor) -> torch.Tensor:
     return nll.mean()
 
 
+def routed_lm_loss(nll: torch.Tensor, weights: torch.Tensor, token_example: torch.Tensor) -> torch.Tensor:
+    """Token NLL with each (prompt, example) pair weighted by the routing: sum_k w[k, b(m)] nll[k, m] / M.
+
+    nll (K, M), weights (K, B) summing to 1 over K (no gradient flows into them), token_example (M,).
+    Each prompt learns mostly from the examples routed to it; uniform weights 1/K give ``lm_loss``."""
+    w = weights.detach().to(nll.dtype)[:, token_example]  # (K, M)
+    return (w * nll).sum() / nll.shape[1]
+
+
+def routing_probs(S: torch.Tensor, tau_sim: float = 1.0) -> torch.Tensor:
+    """p (K, B) = softmax_k(S[:, b] / tau_sim): the retriever's distribution over prompts, fp32."""
+    return torch.softmax(S.float() / tau_sim, dim=0)
+
+
+def balance_loss(p: torch.Tensor) -> torch.Tensor:
+    """KL(mean_b p_b || uniform) = log K - H(mean routing): 0 when the batch uses every prompt equally,
+    log K when all of it goes to one prompt. p (K, B) -> scalar. (Each example may still be routed
+    sharply: only the batch's average is pushed towards uniform, as in mixture-of-experts balancing.)"""
+    mean = p.mean(1).clamp(min=1e-12)
+    return (mean * mean.log()).sum() + torch.log(torch.tensor(float(p.shape[0]), device=p.device))
+
+
 def per_example_sum(nll: torch.Tensor, token_example: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Summed token NLL of each example under each prompt. nll (K, M), token_example (M,) -> (K, B)."""
     K = nll.shape[0]
@@ -42,12 +64,12 @@ def selection_loss(L: torch.Tensor, S: torch.Tensor, tau_gold: float = 1.0, tau_
     return F.kl_div(log_p.T, q.T, reduction="batchmean")
 
 
-def fusion_weights(S: torch.Tensor, mode: str = "raw") -> torch.Tensor:
-    """Weights (K, B) for mixing the K prompts' logits: raw scores (paper) or softmax over K."""
+def fusion_weights(S: torch.Tensor, mode: str = "raw", tau_sim: float = 1.0) -> torch.Tensor:
+    """Weights (K, B) for mixing the K prompts' logits: raw scores (paper) or p = softmax(S / tau_sim)."""
     if mode == "raw":
         return S
     if mode == "softmax":
-        return torch.softmax(S, dim=0)
+        return routing_probs(S, tau_sim)
     raise ValueError(f"unknown fusion weights {mode!r}")
 
 

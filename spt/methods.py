@@ -97,6 +97,9 @@ class Method:
     def num_prompts(self) -> int | None:
         return None
 
+    def prepare(self, train_ds: EncodedDataset) -> None:
+        """Data-dependent initialisation before the first step of a fresh run (not on resume)."""
+
     def _loader(self, ds: EncodedDataset, batch_size: int) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
@@ -124,6 +127,24 @@ class SPTMethod(Method):
     @property
     def num_prompts(self) -> int:
         return self.model.K
+
+    @torch.no_grad()
+    def prepare(self, train_ds: EncodedDataset, max_examples: int = 8192, batch_size: int = 64) -> None:
+        """Centre and k-means keys of the retriever from (up to ``max_examples``) training contexts."""
+        r = self.model.retriever
+        if r.center is None and r.keys is None:
+            return
+        step = max(1, len(train_ds) // max_examples)
+        items = [train_ds[i] for i in range(0, len(train_ds), step)][:max_examples]
+        device = self.model.prompts.device
+        batches = []
+        for i in range(0, len(items), batch_size):
+            b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id)
+            batches.append((self.model.embed(b["input_ids"].to(device)), b["query_mask"].to(device)))
+        assign = self.model.init_routing(batches, seed=self.cfg.train.seed)
+        if assign is not None:
+            log.info("retriever keys at k-means centroids of %d training contexts; cluster sizes %s",
+                     len(items), torch.bincount(assign, minlength=self.model.K).tolist())
 
     def save(self, folder: Path, cfg: Config, trainer_state: dict | None) -> None:
         save_trainable(folder, self.model.trainable_state_dict(), cfg, trainer_state)
@@ -156,9 +177,30 @@ class SPTMethod(Method):
             hist += torch.bincount(k.cpu(), minlength=model.K).float()
         model.train(was_training)
         loss = sums["selected"] / tokens
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_oracle": sums["oracle"] / tokens,
-                "loss_mean_prompt": sums["mean_prompt"] / tokens, "select_acc": hits / n,
-                "selection": hist.long().tolist()}
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_oracle": sums["oracle"] / tokens,
+               "loss_mean_prompt": sums["mean_prompt"] / tokens, "select_acc": hits / n}
+        if model.K > 1:
+            out.update(routing_diagnostics(hist.long().tolist()))
+        return out
+
+
+COLLAPSE_SHARE = 0.7  # warn when one prompt takes more than this share of the selections
+
+
+def routing_diagnostics(hist: list[int]) -> dict:
+    """Selection histogram -> entropy, its share of the maximum, the largest prompt's share and each
+    prompt's share (floats, so they reach metrics.csv); warns when routing has (nearly) collapsed."""
+    from .metrics import histogram_stats
+
+    stats = histogram_stats(hist)
+    total = max(1, sum(hist))
+    out = {"selection": hist, "sel_entropy": stats["entropy"], "sel_entropy_norm": stats["entropy_normalized"],
+           "sel_max_share": max(hist) / total, **{f"sel_share_{k}": c / total for k, c in enumerate(hist)}}
+    if out["sel_max_share"] > COLLAPSE_SHARE:
+        log.warning("routing collapse: prompt %d takes %.0f%% of the selections (histogram %s); see the README's "
+                    "'Routing recipe' for the switches that prevent it", hist.index(max(hist)),
+                    100 * out["sel_max_share"], hist)
+    return out
 
 
 class LMOnly(nn.Module):

@@ -86,8 +86,13 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
 def selection_stats(selected: Sequence[int], K: int) -> dict:
     """Histogram over the K prompts, entropy (nats) and entropy normalised by log K."""
     counts = Counter(selected)
-    hist = [counts.get(k, 0) for k in range(K)]
-    total = sum(hist)
+    return histogram_stats([counts.get(k, 0) for k in range(K)])
+
+
+def histogram_stats(hist: Sequence[int]) -> dict:
+    """Entropy (nats) of a selection histogram over K prompts, and that entropy over log K."""
+    hist, K = list(hist), len(hist)
+    total = sum(hist) or 1
     probs = [c / total for c in hist if c]
     entropy = max(0.0, -sum(p * math.log(p) for p in probs))
     return {"histogram": hist, "entropy": entropy, "entropy_normalized": entropy / math.log(K) if K > 1 else 0.0}

@@ -17,7 +17,7 @@ from torch import nn
 from . import losses
 from .config import SPTConfig
 from .format import IGNORE_INDEX
-from .retriever import Retriever
+from .retriever import Retriever, spherical_kmeans
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,13 @@ def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: 
                            **kwargs).last_hidden_state  # (R, T, d)
     targets = labels[:, 1:]
     sel = targets != IGNORE_INDEX  # predict token t + 1 from position t
-    logits = lm.get_output_embeddings()(hidden[:, :-1][sel])  # (N, V)
+    head = lm.get_output_embeddings()
+    # The head runs in fp32 even under autocast: SPT compares per-prompt losses that differ by ~0.01
+    # nats, and bf16 logits add noise of that size (the best prompt by bf16 and fp32 losses disagreed
+    # on 12% of examples on persona-gpt-mini). It is one matmul at response positions only.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        logits = F.linear(hidden[:, :-1][sel].float(), head.weight.float(), bias)  # (N, V)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -134,8 +140,9 @@ class SPTModel(nn.Module):
         table = lm.get_input_embeddings().weight
         g = torch.Generator().manual_seed(seed)
         self.prompts = nn.Parameter(init_prompts(table, cfg.K, cfg.num_virtual_tokens, cfg.prompt_init, text_ids, g))
-        self.retriever = Retriever(table.shape[1], cfg.retriever, cfg.softplus_beta, cfg.softplus_threshold,
-                                   cfg.retriever_layers)
+        self.retriever = Retriever(table.shape[1], cfg.K, cfg.retriever, cfg.softplus_beta, cfg.softplus_threshold,
+                                   cfg.retriever_layers, center=bool(cfg.center_features),
+                                   own_keys=cfg.keys == "kmeans")
         self._takes_positions = takes_position_ids(lm)
         self.chunk_size: int | None = None
 
@@ -159,6 +166,27 @@ class SPTModel(nn.Module):
     def scores(self, token_embeds: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """S (K, B) from the inference-input tokens (query_mask marks persona + context only)."""
         return self.retriever(self.prompts, token_embeds, query_mask)
+
+    @torch.no_grad()
+    def init_routing(self, token_embeds: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> torch.Tensor | None:
+        """Set the retriever's centre c and k-means keys from training batches [(embeds (B, T, d), query mask)].
+
+        Returns the k-means cluster of each training example (None without k-means keys)."""
+        r = self.retriever
+        center, keys = r.center, r.keys
+        r.center, r.keys = None, None  # raw features first
+        try:
+            x = torch.cat([r.features(e, m) for e, m in token_embeds])  # (N, d)
+        finally:
+            r.center, r.keys = center, keys
+        if r.center is not None:
+            r.center.copy_(x.mean(0))
+            x = x - r.center
+        if r.keys is None:
+            return None
+        centroids, assign = spherical_kmeans(x, self.K, generator=torch.Generator().manual_seed(seed))
+        r.keys.copy_(centroids * x.norm(dim=-1).mean())  # at the features' scale, so W's updates act alike
+        return assign
 
     def select(self, S: torch.Tensor, noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """k* (B,) = argmax_k S[k] (+ optional Gaussian selection noise)."""
@@ -213,15 +241,18 @@ class SPTModel(nn.Module):
         persona_sim (B, B) sentence-BLEU similarities for the contrastive loss."""
         cfg, K = self.cfg, self.K
         p = self.pairs(input_ids, attention_mask, labels, query_mask)
-        out = {"llm": losses.lm_loss(p.nll)}
-        zero = out["llm"] * 0.0
         multi = K > 1
+        route = losses.routing_probs(p.S, cfg.tau_sim)  # (K, B)
+        out = {"llm": losses.routed_lm_loss(p.nll, route, p.token_example)
+               if cfg.lm_weighting == "routed" and multi else losses.lm_loss(p.nll)}
+        zero = out["llm"] * 0.0
         out["sel"] = losses.selection_loss(p.L, p.S, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma) \
             if cfg.lambda_sel > 0 and multi else zero
-        out["fus"] = losses.fusion_loss(p.logits, p.targets, losses.fusion_weights(p.S, cfg.fusion_weights),
+        out["fus"] = losses.fusion_loss(p.logits, p.targets, losses.fusion_weights(p.S, cfg.fusion_weights, cfg.tau_sim),
                                         p.token_example) if cfg.lambda_fus > 0 and multi else zero
+        out["bal"] = losses.balance_loss(route) if cfg.lambda_bal > 0 and multi else zero
         out["ctr"] = losses.contrastive_loss(p.S, losses.contrastive_targets(persona_sim, cfg.ctr_bleu_threshold)) \
             if cfg.lambda_ctr > 0 and multi and persona_sim is not None else zero
         out["loss"] = (cfg.lambda_llm * out["llm"] + cfg.lambda_sel * out["sel"] + cfg.lambda_fus * out["fus"]
-                       + cfg.lambda_ctr * out["ctr"])
+                       + cfg.lambda_ctr * out["ctr"] + cfg.lambda_bal * out["bal"])
         return out

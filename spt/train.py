@@ -116,6 +116,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     formatter = method.formatter()
     train_ds = load_split(cfg, "train", formatter, cfg.data.max_train_examples)
     valid_ds = load_split(cfg, "valid", formatter, cfg.data.max_valid_examples)
+    if ckpt is None:
+        method.prepare(train_ds)
     sampler = LengthGroupedBatches(train_ds.lengths(), cfg.train.batch_size, cfg.train.seed,
                                    group=cfg.train.group_by_length)
     pad_id = method.tokenizer.pad_token_id

@@ -18,7 +18,7 @@ def test_postprocess_cuts_at_first_stop():
 
 def _setup(tiny_tokenizer, K=4):
     torch.manual_seed(3)
-    model = SPTModel(make_tiny_lm("gpt2", len(tiny_tokenizer)), SPTConfig(K=K, num_virtual_tokens=3,
+    model = SPTModel(make_tiny_lm("gpt2", len(tiny_tokenizer)), SPTConfig(K=K, num_virtual_tokens=3, recipe="paper",
                                                                             prompt_init="random"), seed=5).eval()
     with torch.no_grad():
         model.retriever.normalizer.weight.normal_()  # a random retriever: rows pick different prompts

@@ -117,13 +117,16 @@ def test_batched_k_prompt_forward_equals_separate_forwards(kind, tiny_tokenizer)
     assert torch.allclose(L, L_chunked, atol=1e-5)
 
 
-def test_training_changes_prompts_and_retriever_not_lm(tiny_tokenizer):
+@pytest.mark.parametrize("recipe", ["paper", "routed"])
+def test_training_changes_prompts_and_retriever_not_lm(tiny_tokenizer, recipe):
     lm = make_tiny_lm("gpt2", len(tiny_tokenizer))
     frozen = {k: v.clone() for k, v in lm.state_dict().items()}
-    model = SPTModel(lm, SPTConfig(K=2, num_virtual_tokens=2), seed=0)
+    model = SPTModel(lm, SPTConfig(K=2, num_virtual_tokens=2, recipe=recipe), seed=0)
+    batch = _batch(tiny_tokenizer)
+    if recipe == "routed":
+        model.init_routing([(model.embed(batch["input_ids"]), batch["query_mask"])])
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = _batch(tiny_tokenizer)
     sim = PersonaSimilarity(["a b c", "d e f"]).matrix(torch.tensor([0, 1, 0, 1, 0]))
     for _ in range(3):
         out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "query_mask")},
@@ -137,7 +140,11 @@ def test_training_changes_prompts_and_retriever_not_lm(tiny_tokenizer):
     assert not torch.equal(before["retriever.normalizer.weight"], after["retriever.normalizer.weight"])
     assert all(torch.equal(frozen[k], v) for k, v in lm.state_dict().items())
     assert not any(p.requires_grad for p in lm.parameters())
-    assert set(after) == {"prompts", "retriever.normalizer.weight", "retriever.normalizer.bias"}
+    routed = {"retriever.center", "retriever.keys"} if recipe == "routed" else set()
+    assert set(after) == {"prompts", "retriever.normalizer.weight", "retriever.normalizer.bias"} | routed
+    if recipe == "routed":  # the keys learn; the centre is data, set once
+        assert not torch.equal(before["retriever.keys"], after["retriever.keys"])
+        assert torch.equal(before["retriever.center"], after["retriever.center"])
 
 
 def test_k1_without_aux_losses_is_plain_lm_loss(tiny_tokenizer):
