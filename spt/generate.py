@@ -33,6 +33,7 @@ class Generation:
     scores: list[float] = field(default_factory=list)  # the K retriever scores
     ref_nll: float | None = None  # summed NLL of the reference response (+ EOS) under the selected prompt
     ref_tokens: int = 0
+    ref_nll_by_prompt: list[float] | None = None  # the same under each of the K prompts (SPT)
 
 
 def postprocess(text: str, stops: Sequence[str]) -> str:
@@ -72,10 +73,12 @@ def _decode(tokenizer, out: torch.Tensor, cfg: GenerateConfig) -> list[tuple[str
 
 
 @torch.no_grad()
-def reference_nll(logits_fn, formatter: DialogueFormatter, examples: Sequence[Example], device):
-    """Summed NLL and token count of each reference response (+ EOS); (None, 0) where it does not fit.
+def reference_nll(logits_fn, formatter: DialogueFormatter, examples: Sequence[Example], device, copies: int = 1):
+    """Summed NLL and token count of each reference response (+ EOS); None and 0 where it does not fit.
 
-    ``logits_fn(input_ids, attention_mask, labels) -> (logits (N, V), targets (N,))`` at response positions."""
+    ``logits_fn(input_ids, attention_mask, labels) -> (logits (N, V), targets (N,))`` at the response
+    positions of ``copies`` stacked copies of the batch (one per prompt for SPT). Returns sums
+    (copies, B) as nested lists and counts (B,)."""
     items, where = [], []
     for i, ex in enumerate(examples):
         try:
@@ -83,18 +86,20 @@ def reference_nll(logits_fn, formatter: DialogueFormatter, examples: Sequence[Ex
             where.append(i)
         except ResponseTooLong:
             continue
-    sums_out: list[float | None] = [None] * len(examples)
+    sums_out: list[list[float | None]] = [[None] * len(examples) for _ in range(copies)]
     counts_out = [0] * len(examples)
     if not items:
         return sums_out, counts_out
     batch = collate(items, formatter.tokenizer.pad_token_id)
     labels = batch["labels"].to(device)
     logits, targets = logits_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
-    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    nll = F.cross_entropy(logits.float(), targets, reduction="none").view(copies, -1)  # (copies, M)
     rows, counts = response_token_example(labels)
-    sums = per_example_sum(nll[None], rows, len(items))[0]
+    sums = per_example_sum(nll, rows, len(items))  # (copies, B')
     for j, i in enumerate(where):
-        sums_out[i], counts_out[i] = float(sums[j]), int(counts[j])
+        counts_out[i] = int(counts[j])
+        for c in range(copies):
+            sums_out[c][i] = float(sums[c, j])
     return sums_out, counts_out
 
 
@@ -119,16 +124,22 @@ def generate_spt(model, tokenizer, formatter: DialogueFormatter, examples: Seque
         k = model.select(S, selection_noise, g)  # (B,)
         sp = splice(model.prompts[k], E, mask)
         out = lm.generate(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, **kw)
-        refs = reference_nll(partial(_with_prompts, model, k), formatter, chunk, device) \
-            if score_references else None
+        K = model.K
+        sums, counts = reference_nll(partial(_under_every_prompt, model), formatter, chunk, device, copies=K) \
+            if score_references else (None, None)
         for i, (pred, raw) in enumerate(_decode(tokenizer, out, cfg)):
-            outputs.append(Generation(pred, raw, int(k[i]), [round(float(x), 5) for x in S[:, i]],
-                                      refs[0][i] if refs else None, refs[1][i] if refs else 0))
+            g = Generation(pred, raw, int(k[i]), [round(float(x), 5) for x in S[:, i]])
+            if sums is not None and sums[0][i] is not None:
+                g.ref_nll_by_prompt = [sums[c][i] for c in range(K)]
+                g.ref_nll, g.ref_tokens = g.ref_nll_by_prompt[g.prompt], counts[i]
+            outputs.append(g)
     return outputs
 
 
-def _with_prompts(model, k, input_ids, attention_mask, labels):
-    return model.pair_logits(k, input_ids, attention_mask, labels)
+def _under_every_prompt(model, input_ids, attention_mask, labels):
+    """Response logits of the batch under each of the K prompts (rows k * B + b)."""
+    every = torch.arange(model.K, device=input_ids.device).repeat_interleave(input_ids.shape[0])
+    return model.pair_logits(every, input_ids, attention_mask, labels)
 
 
 @torch.no_grad()
@@ -147,5 +158,5 @@ def generate_text(model, tokenizer, formatter: DialogueFormatter, examples: Sequ
         out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)[:, ids.shape[1]:]
         refs = reference_nll(model.response_logits, formatter, chunk, device) if score_references else None
         for i, (pred, raw) in enumerate(_decode(tokenizer, out, cfg)):
-            outputs.append(Generation(pred, raw, None, [], refs[0][i] if refs else None, refs[1][i] if refs else 0))
+            outputs.append(Generation(pred, raw, None, [], refs[0][0][i] if refs else None, refs[1][i] if refs else 0))
     return outputs

@@ -5,6 +5,8 @@ K prompts, B examples, M response tokens in the batch (all examples), V vocabula
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,12 +30,18 @@ def routing_probs(S: torch.Tensor, tau_sim: float = 1.0) -> torch.Tensor:
     return torch.softmax(S.float() / tau_sim, dim=0)
 
 
-def balance_loss(p: torch.Tensor) -> torch.Tensor:
-    """KL(mean_b p_b || uniform) = log K - H(mean routing): 0 when the batch uses every prompt equally,
-    log K when all of it goes to one prompt. p (K, B) -> scalar. (Each example may still be routed
-    sharply: only the batch's average is pushed towards uniform, as in mixture-of-experts balancing.)"""
-    mean = p.mean(1).clamp(min=1e-12)
-    return (mean * mean.log()).sum() + torch.log(torch.tensor(float(p.shape[0]), device=p.device))
+def balance_loss(p: torch.Tensor, running: torch.Tensor | None = None, momentum: float = 0.0) -> torch.Tensor:
+    """KL(m || uniform) = log K - H(m) of the average routing m: 0 when every prompt is used equally,
+    log K when all goes to one prompt. p (K, B); ``running`` (K,) is the average routing of earlier
+    batches (no gradient) and m = momentum * running + (1 - momentum) * mean_b p_b. Batches grouped by
+    length hold similar contexts, so one batch may fairly go to one prompt: it is the average over
+    many batches that should be balanced. Each example may still be routed sharply (as in
+    mixture-of-experts balancing, only the average is pushed towards uniform)."""
+    mean = p.mean(1)
+    if running is not None and momentum > 0:
+        mean = momentum * running.detach().to(mean.dtype) + (1 - momentum) * mean
+    mean = mean.clamp(min=1e-12)
+    return (mean * mean.log()).sum() + math.log(p.shape[0])
 
 
 def per_example_sum(nll: torch.Tensor, token_example: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -48,14 +56,47 @@ def per_example_nll(nll: torch.Tensor, token_example: torch.Tensor, batch_size: 
     return per_example_sum(nll, token_example, batch_size) / counts
 
 
+def sinkhorn(logits: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    """Balanced soft assignment (K, B) from logits (K, B): alternately make every prompt's total B / K and
+    every example's column sum 1 (Sinkhorn-Knopp, as in SwAV), ending on the columns. A prompt wins an
+    example by its advantage *relative to the other examples*, so no prompt can take the whole batch."""
+    K = logits.shape[0]
+    x = logits.float()
+    for _ in range(iters):
+        x = x - torch.logsumexp(x, dim=1, keepdim=True) - math.log(K)
+        x = x - torch.logsumexp(x, dim=0, keepdim=True)
+    return x.exp()
+
+
+def selection_target(L: torch.Tensor, tau_gold: float = 1.0, prior: torch.Tensor | None = None,
+                     balanced: bool = False) -> torch.Tensor:
+    """q (K, B), the distribution the retriever learns from; no gradient.
+
+    Without ``prior`` (the paper): q_b = softmax_k(-L[:, b] / tau_gold), L the mean token NLL.
+    With ``prior`` p (K, B), the retriever's own routing: the posterior over which prompt produced the
+    response, q_b ∝ p_b * exp(-L[:, b] / tau_gold) with L the *summed* NLL (the sequence's log-likelihood
+    at tau_gold = 1). Where the prompts explain a response equally well, q stays at the prior instead of
+    being pulled to uniform, so the routing is not erased while the prompts are still alike (EM for a
+    mixture of experts: q are the responsibilities).
+
+    ``balanced``: q is balanced over the batch (``sinkhorn``) instead of normalised per example. Without
+    it a prompt that starts out better on everything wins everything and the others never learn."""
+    logits = -L.detach().float() / tau_gold
+    if prior is not None:
+        logits = logits + prior.detach().float().clamp(min=1e-12).log()
+    return sinkhorn(logits) if balanced else torch.softmax(logits, dim=0)
+
+
 def selection_loss(L: torch.Tensor, S: torch.Tensor, tau_gold: float = 1.0, tau_sim: float = 1.0,
-                   sigma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                   sigma: float = 0.0, generator: torch.Generator | None = None,
+                   q: torch.Tensor | None = None) -> torch.Tensor:
     """KL(q || p) averaged over the batch; the retriever learns which prompt the LM prefers.
 
     L (K, B) per-example NLL (no gradient flows through it), S (K, B) retriever scores.
-    q_b = softmax_k(-L[:, b] / tau_gold), optionally plus N(0, sigma^2) noise (clamped at 1e-8 and
-    renormalised to stay a distribution); p_b = log_softmax_k(S[:, b] / tau_sim)."""
-    q = torch.softmax(-L.detach().float() / tau_gold, dim=0)
+    q_b = softmax_k(-L[:, b] / tau_gold) unless a target ``q`` is given (see ``selection_target``),
+    optionally plus N(0, sigma^2) noise (clamped at 1e-8 and renormalised to stay a distribution);
+    p_b = log_softmax_k(S[:, b] / tau_sim)."""
+    q = selection_target(L, tau_gold) if q is None else q.detach().float()
     if sigma > 0:
         noise = torch.randn(q.shape, generator=generator, device="cpu").to(q.device) * sigma
         q = (q + noise).clamp(min=1e-8)

@@ -184,13 +184,10 @@ class SPTMethod(Method):
         return out
 
 
-COLLAPSE_SHARE = 0.7  # warn when one prompt takes more than this share of the selections
-
-
 def routing_diagnostics(hist: list[int]) -> dict:
     """Selection histogram -> entropy, its share of the maximum, the largest prompt's share and each
     prompt's share (floats, so they reach metrics.csv); warns when routing has (nearly) collapsed."""
-    from .metrics import histogram_stats
+    from .metrics import COLLAPSE_SHARE, histogram_stats
 
     stats = histogram_stats(hist)
     total = max(1, sum(hist))

