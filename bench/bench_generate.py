@@ -22,7 +22,7 @@ def paper_generate(model, tok, fmt, exs, cfg: GenerateConfig) -> None:
     ids, mask = left_pad([fmt.encode_prompt(e.persona, e.context, reserve=cfg.max_new_tokens) for e in exs],
                          tok.pad_token_id)
     E = model.embed(ids)
-    k = model.select(model.scores(E, mask))
+    k = model.select(model.scores(*model.query(ids, mask, E)))
     for p in k.unique().tolist():
         sp = splice(model.prompts[p:p + 1].expand(len(exs), -1, -1), E, mask)
         model.lm.generate(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,

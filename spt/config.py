@@ -67,10 +67,11 @@ Recipe = Literal["routed", "paper"]
 # fusion, an LM loss weighted by routing, and load balancing (README: "Routing recipe").
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"center_features": False, "keys": "prompt_mean", "tau_sim": 1.0, "tau_gold": 1.0,
-              "sel_target": "loss", "balance_target": False, "lambda_fus": 1.0, "fusion_weights": "raw", "lm_weighting": "uniform", "lambda_bal": 0.0},
+              "sel_target": "loss", "balance_target": False, "lm_weighting": "uniform", "lambda_fus": 1.0,
+              "fusion_weights": "raw", "lambda_ctr": 0.4, "lambda_bal": 0.0},
     "routed": {"center_features": True, "keys": "kmeans", "tau_sim": 0.1, "tau_gold": 1.0,
-               "sel_target": "posterior", "balance_target": True, "lambda_fus": 0.0, "fusion_weights": "softmax", "lm_weighting": "posterior",
-               "lambda_bal": 0.1},
+               "sel_target": "posterior", "balance_target": True, "lm_weighting": "posterior", "lambda_fus": 0.0,
+               "fusion_weights": "softmax", "lambda_ctr": 0.0, "lambda_bal": 0.1},
 }
 
 
@@ -82,6 +83,9 @@ class SPTConfig:
     prompt_init_text: str = ""  # with prompt_init: text, e.g. "respond in character :"
     recipe: Recipe = "routed"  # preset for the fields marked (recipe) below; see RECIPES
     retriever: Literal["linear", "transformer"] = "linear"
+    # what the retriever reads: the inference input's token embeddings, mean-pooled (paper), or the frozen LM's
+    # last hidden state at the end of the inference input (costs one extra forward without the LM head)
+    query: Literal["embeddings", "lm_hidden"] = "embeddings"
     retriever_layers: int = 1  # transformer retriever only
     softplus_beta: float = 10.0
     softplus_threshold: float = 1.0
@@ -96,7 +100,9 @@ class SPTConfig:
     # (recipe) prompt fusion loss weight. Off in "routed": its gradient into the retriever favours hedged,
     # flat routing (routing accuracy 0.6 instead of 0.98 on the marker task of tests/test_routing.py)
     lambda_fus: float | None = None
-    lambda_ctr: float = 0.4  # context-prompt contrastive loss weight
+    # (recipe) context-prompt contrastive loss weight. Off in "routed": it pushes every two different personas
+    # to different prompts, against routing similar ones (e.g. of one style) to the same prompt
+    lambda_ctr: float | None = None
     lambda_bal: float | None = None  # (recipe) load balance: KL(mean routing over the batch || uniform)
     # (recipe) what the retriever learns from: "loss" q = softmax(-L / tau_gold), L the mean token NLL (paper);
     # "posterior" q ∝ p * exp(-L_sum / tau_gold), the retriever's routing p updated by how well each prompt
@@ -257,6 +263,9 @@ def validate(cfg: Config) -> None:
 
 # --- building from dicts, YAML and overrides ----------------------------------------------------
 
+_YAML_BOOL_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming the field."""
     origin = typing.get_origin(tp)
@@ -273,6 +282,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: "--train.mixed_precision=no"
+            value = next((c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOL_WORDS[value]), value)
         if value not in choices:
             raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
         return value

@@ -3,9 +3,9 @@
 1. Two synthetic persona-chat corpora. The *base* corpus gives every speaker a speaking style (terse,
    enthusiastic, formal, casual) drawn independently of its persona; the *tuning* corpus lets the
    persona decide the style (most of a speaker's facts come from topics that favour one style).
-2. A small base LM trained from scratch on the base corpus (``finetune``, ``model.init: scratch``):
-   it can speak every style but has never seen which personas take which style. Reused by later
-   runs in the same folder.
+2. A small base LM trained from scratch on the base corpus (``finetune``, ``model.init: scratch``),
+   with the responder's earlier turns in its context: it can speak every style and keeps the style
+   it sees, but has never seen which personas take which style. Reused by later runs.
 3. PT (one prompt) and SPT (K=4 prompts + retriever) tuned on the frozen base LM with the newest
    partner turn as the only context, so the style must come from the persona: one prompt has to
    serve four styles, while SPT can route each persona to a prompt of its own style.
@@ -49,7 +49,11 @@ FULL = DemoSize(dialogues=1500, base_dialogues=3000, base_layers=4, base_width=1
                 base_steps=500, prompt_steps=250, eval_examples=300, batch_size=16)
 QUICK = DemoSize(dialogues=120, base_dialogues=120, base_layers=1, base_width=32, base_vocab=300, base_steps=20,
                  prompt_steps=6, eval_examples=16, batch_size=8)
-CONTEXT_TURNS = 1  # the partner's newest turn only: the responder's earlier turns would reveal its style
+CONTEXT_TURNS = 1  # tuning: the partner's newest turn only: the responder's earlier turns would reveal its style
+# The base LM sees the responder's earlier turns, so it learns to keep a style it sees in its context: the
+# pathway through which a soft prompt can set the style. (Trained without any such evidence, the base LM
+# would have no input that moves its choice of style, and no prompt could steer it.)
+BASE_CONTEXT_TURNS = 4
 
 
 def _overrides(size: DemoSize, data: dict[str, str]) -> dict:
@@ -64,6 +68,7 @@ def _overrides(size: DemoSize, data: dict[str, str]) -> dict:
 def _arms(size: DemoSize, base_files: dict[str, str]) -> list[Arm]:
     base = {"method": "finetune", "model.init": "scratch", "baseline.loss_on": "all",
             "data.train": base_files["train"], "data.valid": base_files["valid"],
+            "data.max_context_turns": BASE_CONTEXT_TURNS,
             "model.scratch.n_layer": size.base_layers, "model.scratch.n_embd": size.base_width,
             "model.scratch.n_head": 4, "model.scratch.vocab_size": size.base_vocab, "model.scratch.n_positions": 320,
             "train.lr": 3e-3, "train.warmup_steps": max(1, size.base_steps // 20), "train.scheduler": "cosine",

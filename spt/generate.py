@@ -120,7 +120,7 @@ def generate_spt(model, tokenizer, formatter: DialogueFormatter, examples: Seque
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         E = model.embed(ids)
-        S = model.scores(E, mask)  # (K, B): the query is the whole inference input
+        S = model.scores(*model.query(ids, mask, E))  # (K, B): the query is the whole inference input
         k = model.select(S, selection_noise, g)  # (B,)
         sp = splice(model.prompts[k], E, mask)
         out = lm.generate(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, **kw)

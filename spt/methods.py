@@ -140,7 +140,7 @@ class SPTMethod(Method):
         batches = []
         for i in range(0, len(items), batch_size):
             b = collate(items[i:i + batch_size], self.tokenizer.pad_token_id)
-            batches.append((self.model.embed(b["input_ids"].to(device)), b["query_mask"].to(device)))
+            batches.append(self.model.query(b["input_ids"].to(device), b["query_mask"].to(device)))
         assign = self.model.init_routing(batches, seed=self.cfg.train.seed)
         if assign is not None:
             log.info("retriever keys at k-means centroids of %d training contexts; cluster sizes %s",

@@ -168,6 +168,23 @@ class SPTModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
 
+    def query(self, input_ids: torch.Tensor, query_mask: torch.Tensor, token_embeds: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the retriever pools, (B, T, d) and its mask (B, T), for ``spt.query``:
+
+        - "embeddings" (the paper): the input embeddings of the inference input (persona + context);
+        - "lm_hidden": the frozen LM's last hidden state at the last token of the inference input (no
+          prompt), i.e. what the LM expects to say next. One extra forward without gradient (B rows, no
+          LM head); padding on either side."""
+        if self.cfg.query == "embeddings":
+            return (self.embed(input_ids) if token_embeds is None else token_embeds), query_mask
+        with torch.no_grad():
+            kwargs = {"position_ids": (query_mask.cumsum(1) - 1).clamp(min=0)} if self._takes_positions else {}
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=query_mask, **kwargs).last_hidden_state
+        T = query_mask.shape[1]
+        last = T - 1 - query_mask.flip(1).argmax(1)  # (B,) index of the last query token
+        return hidden.detach(), F.one_hot(last, T).to(query_mask.dtype)
+
     def scores(self, token_embeds: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """S (K, B) from the inference-input tokens (query_mask marks persona + context only)."""
         return self.retriever(self.prompts, token_embeds, query_mask)
@@ -231,7 +248,7 @@ class SPTModel(nn.Module):
         """Scores and response NLL of every (prompt, example) pair in one LM batch of K*B rows."""
         K, B = self.K, input_ids.shape[0]
         E = self.embed(input_ids)
-        S = self.scores(E, query_mask)  # (K, B)
+        S = self.scores(*self.query(input_ids, query_mask, E))  # (K, B)
         prompt_idx = torch.arange(K, device=input_ids.device).repeat_interleave(B)  # rows k*B + b
         logits, targets = self.pair_logits(prompt_idx, input_ids, attention_mask, labels, E)
         nll = F.cross_entropy(logits.float(), targets, reduction="none").view(K, -1)  # (K, M)

@@ -54,3 +54,10 @@ def test_overrides_parse_yaml_types_and_round_trip(tmp_path):
     with pytest.raises(ConfigError, match=r"look like --section\.field=value"):
         parse_overrides(["max_steps=3"])
     assert Config().spt.K == 4
+
+
+def test_yaml_boolean_words_reach_string_choices():
+    from spt.config import load_config, parse_overrides
+
+    cfg = load_config(None, parse_overrides(["--train.mixed_precision=no"]))  # YAML 1.1 reads "no" as False
+    assert cfg.train.mixed_precision == "no"

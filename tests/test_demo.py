@@ -11,12 +11,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "report:" in printed and "total" in printed and "SPT beats PT on" in printed
     report = (out / "report.md").read_text()
-    for section in ("## Results", "## Does the retriever route styles to prompts?", "## Samples side by side",
-                    "## Loss curves", "## Time per stage"):
+    for section in ("## Results", "## Does the retriever route styles to prompts?", "## Per style",
+                    "## Samples where SPT and PT differ", "## Loss curves", "## Time per stage"):
         assert section in report
+    assert "| terse |" in report.split("## Per style")[1] or "| casual |" in report.split("## Per style")[1]
     summary = json.loads((out / "demo_summary.json").read_text())
     for arm in ("pt", "spt"):
-        assert set(summary[arm]) >= {"f1", "bleu", "rougeL", "dist1", "dist2", "ppl"}
+        assert set(summary[arm]) >= {"f1", "bleu", "rougeL", "meteor", "dist1", "dist2", "ppl"}
         assert all(isinstance(v, float) and not math.isnan(v) for v in summary[arm].values())
         metrics = json.loads((out / arm / "eval" / "metrics.json").read_text())
         assert all(isinstance(metrics[k], float) for k in ("f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1",
@@ -28,6 +29,25 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     mtime = (out / "base-lm" / "checkpoint-best" / "model.safetensors").stat().st_mtime
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # second run reuses everything
     assert (out / "base-lm" / "checkpoint-best" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_demo_data_base_style_is_independent_and_tuning_style_follows_persona(tmp_path):
+    from collections import Counter
+
+    from spt.data import read_examples
+    from spt.data.synth import _TOPICS, FACTS
+    from spt.demo import QUICK, write_demo_data
+
+    base, tune = write_demo_data(tmp_path, QUICK, seed=0)
+    topic_of = dict(FACTS)
+
+    def agreement(path):  # share of speakers whose style is the majority style of their persona's topics
+        rows = read_examples(path)
+        votes = [Counter(_TOPICS[topic_of[f]][0] for f in r.persona).most_common(1)[0] for r in rows]
+        return sum(style == r.style and n > len(r.persona) / 2 for (style, n), r in zip(votes, rows)) / len(rows)
+
+    assert agreement(tune["train"]) == 1.0  # the persona decides the style, with a strict majority
+    assert agreement(base["train"]) < 0.5  # drawn independently (a strict majority exists for ~60%, chance 1/4)
 
 
 def test_routing_measures():

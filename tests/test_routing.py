@@ -213,3 +213,24 @@ def test_routed_recipe_learns_to_route_where_the_right_prompt_is_known():
     # the prompts specialised: the selected prompt is the one with the lower loss, by a margin
     assert (k == p.L.argmin(0)).float().mean() >= 0.9
     assert (p.L.gather(0, k[None])[0] - p.L.mean(0)).mean() < -0.05
+
+
+def test_lm_hidden_query_is_the_last_context_state_whatever_the_padding():
+    torch.manual_seed(0)
+    lm = make_tiny_lm("gpt2", 64)
+    model = SPTModel(lm, SPTConfig(K=2, num_virtual_tokens=2, query="lm_hidden"), seed=0).eval()
+    ctx = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = lm.base_model(input_ids=ctx).last_hidden_state[0, -1]
+        right = torch.tensor([[5, 6, 7, 8, 9, 9, 0]])  # context, then response tokens and padding
+        right_q = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+        left = torch.tensor([[0, 0, 5, 6, 7, 8]])  # generation's left padding
+        left_q = torch.tensor([[0, 0, 1, 1, 1, 1]])
+        for ids, q in ((right, right_q), (left, left_q)):
+            tokens, mask = model.query(ids, q)
+            assert mask.sum().item() == 1
+            pooled = (tokens * mask.unsqueeze(-1)).sum(1)[0]
+            assert torch.allclose(pooled, expected, atol=1e-5)
+    emb_model = SPTModel(lm, SPTConfig(K=2, num_virtual_tokens=2), seed=0)
+    tokens, mask = emb_model.query(right, right_q)
+    assert torch.equal(mask, right_q) and torch.equal(tokens, lm.get_input_embeddings()(right))
