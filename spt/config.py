@@ -68,10 +68,10 @@ Recipe = Literal["routed", "paper"]
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"center_features": False, "keys": "prompt_mean", "tau_sim": 1.0, "tau_gold": 1.0,
               "sel_target": "loss", "balance_target": False, "lm_weighting": "uniform", "lambda_fus": 1.0,
-              "fusion_weights": "raw", "lambda_ctr": 0.4, "lambda_bal": 0.0},
+              "fusion_weights": "raw", "lambda_ctr": 0.4, "lambda_bal": 0.0, "sel_replay": 0},
     "routed": {"center_features": True, "keys": "kmeans", "tau_sim": 0.1, "tau_gold": 1.0,
                "sel_target": "posterior", "balance_target": True, "lm_weighting": "posterior", "lambda_fus": 0.0,
-               "fusion_weights": "softmax", "lambda_ctr": 0.0, "lambda_bal": 0.1},
+               "fusion_weights": "softmax", "lambda_ctr": 0.0, "lambda_bal": 0.1, "sel_replay": 32},
 }
 
 
@@ -112,6 +112,10 @@ class SPTConfig:
     # advantage: otherwise a prompt that starts out better on everything takes everything
     balance_target: bool | None = None
     tau_gold: float | None = None  # (recipe) temperature of the selection target q
+    # (recipe) the selection loss also re-scores the stored query features and targets q of this many recent
+    # batches: the retriever is a small model that needs more examples per step than one batch, and
+    # features and targets cost nothing to keep (the LM is never re-run for them)
+    sel_replay: int | None = None
     tau_sim: float | None = None  # (recipe) temperature of the routing p = softmax(S / tau_sim)
     sel_noise_sigma: float = 0.0  # Gaussian noise on the selection target q (paper's variant: 0.1)
     # (recipe) fusion mixes the K prompts' logits by the raw scores S (paper) or by p = softmax(S / tau_sim)
@@ -231,7 +235,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be > 0, got {value}")
     non_negative = {
         "spt.lambda_llm": cfg.spt.lambda_llm, "spt.lambda_sel": cfg.spt.lambda_sel,
-        "spt.lambda_fus": cfg.spt.lambda_fus, "spt.lambda_ctr": cfg.spt.lambda_ctr, "spt.lambda_bal": cfg.spt.lambda_bal,
+        "spt.lambda_fus": cfg.spt.lambda_fus, "spt.lambda_ctr": cfg.spt.lambda_ctr,
+        "spt.lambda_bal": cfg.spt.lambda_bal, "spt.sel_replay": cfg.spt.sel_replay,
         "spt.sel_noise_sigma": cfg.spt.sel_noise_sigma, "spt.selection_noise": cfg.spt.selection_noise,
         "train.weight_decay": cfg.train.weight_decay, "train.warmup_steps": cfg.train.warmup_steps,
         "train.max_grad_norm": cfg.train.max_grad_norm, "train.eval_every": cfg.train.eval_every,
@@ -241,7 +246,8 @@ def validate(cfg: Config) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
-    for name, value in {"spt.retriever_lr": cfg.spt.retriever_lr, "train.max_steps": cfg.train.max_steps, "train.chunk_size": cfg.train.chunk_size,
+    for name, value in {"spt.retriever_lr": cfg.spt.retriever_lr, "train.max_steps": cfg.train.max_steps,
+                        "train.chunk_size": cfg.train.chunk_size,
                         "data.max_train_examples": cfg.data.max_train_examples,
                         "data.max_valid_examples": cfg.data.max_valid_examples}.items():
         if value is not None and value <= 0:

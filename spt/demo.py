@@ -62,6 +62,8 @@ def _overrides(size: DemoSize, data: dict[str, str]) -> dict:
         "data.max_context_turns": CONTEXT_TURNS, "data.max_valid_examples": 2 * size.eval_examples,
         "train.batch_size": size.batch_size, "train.eval_every": max(1, size.prompt_steps // 5),
         "train.log_every": 5, "generate.max_new_tokens": 32, "generate.batch_size": 32,
+        # fp32: at width 128 bf16 autocast costs more than it saves (base LM: 0.63 vs 0.37 s/step here)
+        "train.mixed_precision": "no",
     }
 
 

@@ -87,7 +87,7 @@ def selection_target(L: torch.Tensor, tau_gold: float = 1.0, prior: torch.Tensor
     return sinkhorn(logits) if balanced else torch.softmax(logits, dim=0)
 
 
-def selection_loss(L: torch.Tensor, S: torch.Tensor, tau_gold: float = 1.0, tau_sim: float = 1.0,
+def selection_loss(L: torch.Tensor | None, S: torch.Tensor, tau_gold: float = 1.0, tau_sim: float = 1.0,
                    sigma: float = 0.0, generator: torch.Generator | None = None,
                    q: torch.Tensor | None = None) -> torch.Tensor:
     """KL(q || p) averaged over the batch; the retriever learns which prompt the LM prefers.

@@ -132,8 +132,8 @@ class SPTMethod(Method):
     def prepare(self, train_ds: EncodedDataset, max_examples: int = 8192, batch_size: int = 64) -> None:
         """Centre and k-means keys of the retriever from (up to ``max_examples``) training contexts."""
         r = self.model.retriever
-        if r.center is None and r.keys is None:
-            return
+        if self.model.K == 1 or (r.center is None and r.keys is None):
+            return  # one prompt (PT) is always selected: nothing to route
         step = max(1, len(train_ds) // max_examples)
         items = [train_ds[i] for i in range(0, len(train_ds), step)][:max_examples]
         device = self.model.prompts.device

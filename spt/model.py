@@ -6,6 +6,7 @@ padded only to the batch's longest example, and the LM head runs only at respons
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ class PairOutput:
     nll: torch.Tensor  # (K, M) per-token NLL
     token_example: torch.Tensor  # (M,) example index of each response token
     L: torch.Tensor  # (K, B) mean NLL of each example's response under each prompt
+    features: torch.Tensor  # (B, d) the retriever's pooled, centred query features
 
 
 class SPTModel(nn.Module):
@@ -150,6 +152,8 @@ class SPTModel(nn.Module):
         # average routing over recent training batches, for the load-balance loss (not saved)
         self.register_buffer("route_avg", torch.full((cfg.K,), 1.0 / cfg.K), persistent=False)
         self.chunk_size: int | None = None
+        # (features (B, d), target q (K, B)) of recent training batches for the selection loss (not saved)
+        self._replay: collections.deque = collections.deque(maxlen=max(1, cfg.sel_replay))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -248,14 +252,16 @@ class SPTModel(nn.Module):
         """Scores and response NLL of every (prompt, example) pair in one LM batch of K*B rows."""
         K, B = self.K, input_ids.shape[0]
         E = self.embed(input_ids)
-        S = self.scores(*self.query(input_ids, query_mask, E))  # (K, B)
+        with torch.autocast(device_type=input_ids.device.type, enabled=False):
+            features = self.retriever.features(*self.query(input_ids, query_mask, E))  # (B, d)
+        S = self.retriever.score_features(self.prompts, features)  # (K, B)
         prompt_idx = torch.arange(K, device=input_ids.device).repeat_interleave(B)  # rows k*B + b
         logits, targets = self.pair_logits(prompt_idx, input_ids, attention_mask, labels, E)
         nll = F.cross_entropy(logits.float(), targets, reduction="none").view(K, -1)  # (K, M)
         token_example, _ = response_token_example(labels)  # (M,)
         L = losses.per_example_nll(nll, token_example, B)  # (K, B)
         M = nll.shape[1]
-        return PairOutput(S, logits.view(K, M, -1), targets[:M], nll, token_example, L)
+        return PairOutput(S, logits.view(K, M, -1), targets[:M], nll, token_example, L, features)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 query_mask: torch.Tensor, persona_sim: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -274,10 +280,19 @@ class SPTModel(nn.Module):
         out = {"llm": losses.routed_lm_loss(p.nll, weights, p.token_example)
                if weights is not None and multi else losses.lm_loss(p.nll)}
         zero = out["llm"] * 0.0
-        out["sel"] = losses.selection_loss(p.L, p.S, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma, q=q) \
-            if cfg.lambda_sel > 0 and multi else zero
-        out["fus"] = losses.fusion_loss(p.logits, p.targets, losses.fusion_weights(p.S, cfg.fusion_weights, cfg.tau_sim),
-                                        p.token_example) if cfg.lambda_fus > 0 and multi else zero
+        out["sel"] = zero
+        if cfg.lambda_sel > 0 and multi:
+            S_all, q_all = p.S, q
+            if self.training and cfg.sel_replay > 0:  # re-score recent batches' features against their targets
+                if self._replay:
+                    feats, targets = zip(*self._replay, strict=True)
+                    S_all = torch.cat([self.retriever.score_features(self.prompts, torch.cat(feats)), p.S], 1)
+                    q_all = torch.cat([*targets, q], 1)
+                self._replay.append((p.features.detach(), q.detach()))
+            out["sel"] = losses.selection_loss(p.L, S_all, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma, q=q_all)
+        fusion_w = losses.fusion_weights(p.S, cfg.fusion_weights, cfg.tau_sim)
+        out["fus"] = losses.fusion_loss(p.logits, p.targets, fusion_w, p.token_example) \
+            if cfg.lambda_fus > 0 and multi else zero
         out["bal"] = losses.balance_loss(route, self.route_avg, BALANCE_MOMENTUM) \
             if cfg.lambda_bal > 0 and multi else zero
         if self.training and multi:

@@ -91,11 +91,15 @@ class Retriever(nn.Module):
             pooled = pooled - self.center
         return pooled
 
+    def score_features(self, prompts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """prompts (K, n, d), features x (B, d) from ``features`` -> scores S (K, B), always fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            keys = self.keys if self.keys is not None else prompts.float().mean(1)  # (K, d)
+            p = self.normalizer(keys)  # (K, d)
+            cos = F.cosine_similarity(p.unsqueeze(1), self.normalizer(x.float()).unsqueeze(0), dim=-1)  # (K, B)
+            return F.softplus(cos, beta=self.beta, threshold=self.threshold)
+
     def forward(self, prompts: torch.Tensor, token_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """prompts (K, n, d), token_embeds (B, T, d), mask (B, T) -> scores S (K, B), always fp32."""
         with torch.autocast(device_type=token_embeds.device.type, enabled=False):
-            keys = self.keys if self.keys is not None else prompts.float().mean(1)  # (K, d)
-            p = self.normalizer(keys)  # (K, d)
-            x = self.normalizer(self.features(token_embeds, mask))  # (B, d)
-            cos = F.cosine_similarity(p.unsqueeze(1), x.unsqueeze(0), dim=-1)  # (K, B)
-            return F.softplus(cos, beta=self.beta, threshold=self.threshold)
+            return self.score_features(prompts, self.features(token_embeds, mask))

@@ -44,7 +44,7 @@ def test_generate_eval_compare(trained, synth_dir, tmp_path, capsys):
     tokens = sum(r["ref_tokens"] for r in rows)
     assert metrics["ref_loss_oracle"] == pytest.approx(sum(min(r["ref_nll_by_prompt"]) for r in rows) / tokens)
     best = [min(range(2), key=lambda k, r=r: r["ref_nll_by_prompt"][k]) for r in rows]
-    assert metrics["select_acc"] == pytest.approx(sum(b == r["prompt"] for b, r in zip(best, rows)) / 24)
+    assert metrics["select_acc"] == pytest.approx(sum(b == r["prompt"] for b, r in zip(best, rows, strict=True)) / 24)
     for name in ("report.md", "selection.png", "loss_curves.png", "routing.png"):
         assert (trained / "eval" / name).stat().st_size > 100
     report = (trained / "eval" / "report.md").read_text()

@@ -44,7 +44,8 @@ def test_demo_data_base_style_is_independent_and_tuning_style_follows_persona(tm
     def agreement(path):  # share of speakers whose style is the majority style of their persona's topics
         rows = read_examples(path)
         votes = [Counter(_TOPICS[topic_of[f]][0] for f in r.persona).most_common(1)[0] for r in rows]
-        return sum(style == r.style and n > len(r.persona) / 2 for (style, n), r in zip(votes, rows)) / len(rows)
+        pairs = zip(votes, rows, strict=True)
+        return sum(style == r.style and n > len(r.persona) / 2 for (style, n), r in pairs) / len(rows)
 
     assert agreement(tune["train"]) == 1.0  # the persona decides the style, with a strict majority
     assert agreement(base["train"]) < 0.5  # drawn independently (a strict majority exists for ~60%, chance 1/4)

@@ -24,9 +24,9 @@ def test_recipes_fill_unset_fields_and_explicit_values_win(tmp_path):
     assert (cfg.spt.keys, cfg.spt.lambda_bal, cfg.spt.center_features) == ("prompt_mean", 0.3, False)
     cfg.save(tmp_path / "c.yaml")  # the saved config holds resolved values and reloads to the same
     assert load_config(tmp_path / "c.yaml").spt == cfg.spt
-    with pytest.raises(ConfigError, match="spt.recipe"):
+    with pytest.raises(ConfigError, match=r"spt\.recipe"):
         load_config(None, {"spt.recipe": "magic"})
-    with pytest.raises(ConfigError, match="spt.lambda_bal"):
+    with pytest.raises(ConfigError, match=r"spt\.lambda_bal"):
         load_config(None, {"spt.lambda_bal": -1.0})
 
 
@@ -234,3 +234,30 @@ def test_lm_hidden_query_is_the_last_context_state_whatever_the_padding():
     emb_model = SPTModel(lm, SPTConfig(K=2, num_virtual_tokens=2), seed=0)
     tokens, mask = emb_model.query(right, right_q)
     assert torch.equal(mask, right_q) and torch.equal(tokens, lm.get_input_embeddings()(right))
+
+
+def test_selection_loss_replays_recent_batches():
+    torch.manual_seed(0)
+    model = SPTModel(make_tiny_lm("gpt2", 64), SPTConfig(K=3, num_virtual_tokens=2, sel_replay=2), seed=0)
+    ids, mask, labels, qm, _ = _fixed_batch()
+    model.init_routing([(model.embed(ids), qm)])
+    model.train()
+    first = model.pairs(ids, mask, labels, qm)
+    model(ids, mask, labels, qm)  # stores this batch's features and target
+    assert len(model._replay) == 1
+    feats, q_old = model._replay[0]
+    assert torch.equal(feats, first.features)
+    second = model(ids[:2], mask[:2], labels[:2], qm[:2])
+    # the loss now covers the stored batch (re-scored with the current retriever) and the new one
+    p = model.pairs(ids[:2], mask[:2], labels[:2], qm[:2])
+    route = losses.routing_probs(p.S, model.cfg.tau_sim)
+    L_sum = losses.per_example_sum(p.nll, p.token_example, 2)
+    q_new = losses.selection_target(L_sum, model.cfg.tau_gold, route, balanced=True)
+    S_all = torch.cat([model.retriever.score_features(model.prompts, feats), p.S], 1)
+    expected = losses.selection_loss(None, S_all, tau_sim=model.cfg.tau_sim, q=torch.cat([q_old, q_new], 1))
+    assert second["sel"].item() == pytest.approx(expected.item(), rel=1e-5)
+    model(ids, mask, labels, qm)
+    assert len(model._replay) == 2  # at most sel_replay batches are kept
+    model.eval()
+    model(ids, mask, labels, qm)
+    assert len(model._replay) == 2  # evaluation never adds to it
