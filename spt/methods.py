@@ -100,6 +100,13 @@ class Method:
     def prepare(self, train_ds: EncodedDataset) -> None:
         """Data-dependent initialisation before the first step of a fresh run (not on resume)."""
 
+    def training_state(self) -> dict:
+        """State outside the parameters and optimizer that an exact resume needs (in trainer_state)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what ``training_state`` returned."""
+
     def _loader(self, ds: EncodedDataset, batch_size: int) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
@@ -127,6 +134,13 @@ class SPTMethod(Method):
     @property
     def num_prompts(self) -> int:
         return self.model.K
+
+    def training_state(self) -> dict:
+        return {"routing": self.model.routing_state()}
+
+    def load_training_state(self, state: dict) -> None:
+        if "routing" in state:
+            self.model.load_routing_state(state["routing"])
 
     @torch.no_grad()
     def prepare(self, train_ds: EncodedDataset, max_examples: int = 8192, batch_size: int = 64) -> None:

@@ -155,6 +155,17 @@ class SPTModel(nn.Module):
         # (features (B, d), target q (K, B)) of recent training batches for the selection loss (not saved)
         self._replay: collections.deque = collections.deque(maxlen=max(1, cfg.sel_replay))
 
+    def routing_state(self) -> dict:
+        """Training-time routing memory (average routing, replayed batches) for an exact resume."""
+        return {"route_avg": self.route_avg.detach().cpu().clone(),
+                "replay": [(f.cpu(), q.cpu()) for f, q in self._replay]}
+
+    def load_routing_state(self, state: dict) -> None:
+        device = self.route_avg.device
+        self.route_avg.copy_(state["route_avg"].to(device))
+        self._replay.clear()
+        self._replay.extend((f.to(device), q.to(device)) for f, q in state["replay"])
+
     def train(self, mode: bool = True):
         super().train(mode)
         # The frozen LM stays in eval mode (no dropout), except under activation checkpointing, which

