@@ -46,21 +46,21 @@ class DemoSize:
 
 
 FULL = DemoSize(dialogues=1500, base_dialogues=3000, base_layers=4, base_width=128, base_vocab=1024,
-                base_steps=500, prompt_steps=250, eval_examples=300, batch_size=16)
+                base_steps=400, prompt_steps=500, eval_examples=300, batch_size=16)
 QUICK = DemoSize(dialogues=120, base_dialogues=120, base_layers=1, base_width=32, base_vocab=300, base_steps=20,
                  prompt_steps=6, eval_examples=16, batch_size=8)
 CONTEXT_TURNS = 1  # tuning: the partner's newest turn only: the responder's earlier turns would reveal its style
 # The base LM sees the responder's earlier turns, so it learns to keep a style it sees in its context: the
 # pathway through which a soft prompt can set the style. (Trained without any such evidence, the base LM
 # would have no input that moves its choice of style, and no prompt could steer it.)
-BASE_CONTEXT_TURNS = 4
+BASE_CONTEXT_TURNS = 2  # the responder's previous turn and the partner's newest
 
 
 def _overrides(size: DemoSize, data: dict[str, str]) -> dict:
     return {
         **{f"data.{k}": v for k, v in data.items()}, "data.max_length": 256,
-        "data.max_context_turns": CONTEXT_TURNS, "data.max_valid_examples": 2 * size.eval_examples,
-        "train.batch_size": size.batch_size, "train.eval_every": max(1, size.prompt_steps // 5),
+        "data.max_context_turns": CONTEXT_TURNS, "data.max_valid_examples": min(200, 2 * size.eval_examples),
+        "train.batch_size": size.batch_size, "train.eval_every": max(1, size.prompt_steps // 4),
         "train.log_every": 5, "generate.max_new_tokens": 32, "generate.batch_size": 32,
         # fp32: at width 128 bf16 autocast costs more than it saves (base LM: 0.63 vs 0.37 s/step here)
         "train.mixed_precision": "no",
