@@ -46,7 +46,7 @@ class DemoSize:
 
 
 FULL = DemoSize(dialogues=1500, base_dialogues=3000, base_layers=4, base_width=128, base_vocab=1024,
-                base_steps=400, prompt_steps=500, eval_examples=300, batch_size=16)
+                base_steps=400, prompt_steps=700, eval_examples=300, batch_size=16)
 QUICK = DemoSize(dialogues=120, base_dialogues=120, base_layers=1, base_width=32, base_vocab=300, base_steps=20,
                  prompt_steps=6, eval_examples=16, batch_size=8)
 CONTEXT_TURNS = 1  # tuning: the partner's newest turn only: the responder's earlier turns would reveal its style

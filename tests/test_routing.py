@@ -261,3 +261,25 @@ def test_selection_loss_replays_recent_batches():
     model.eval()
     model(ids, mask, labels, qm)
     assert len(model._replay) == 2  # evaluation never adds to it
+
+
+def test_posterior_target_keeps_the_prior_where_losses_agree():
+    prior = torch.tensor([[0.7, 0.2], [0.3, 0.8]])
+    same = torch.full((2, 2), 3.0)
+    assert torch.allclose(losses.selection_target(same, 1.0, prior), prior)
+    # the paper's target is uniform there, whatever the routing was
+    assert torch.allclose(losses.selection_target(same, 1.0), torch.full((2, 2), 0.5))
+    L = torch.tensor([[1.0, 2.0], [2.0, 2.0]])  # prompt 0 explains example 0 better by 1 nat
+    q = losses.selection_target(L, 1.0, prior)
+    assert q[0, 0].item() == pytest.approx(0.7 * math.e / (0.7 * math.e + 0.3))
+    assert torch.allclose(q[:, 1], prior[:, 1])
+
+
+def test_sinkhorn_balances_and_assigns_by_relative_advantage():
+    # prompt 0 is better on both examples, but by more on example 0: balanced, example 1 goes to prompt 1
+    logits = torch.tensor([[0.0, -1.0], [-3.0, -1.5]])
+    q = losses.sinkhorn(logits, iters=50)
+    assert torch.allclose(q.sum(0), torch.ones(2), atol=1e-5)  # each example's q is a distribution
+    assert torch.allclose(q.sum(1), torch.ones(2), atol=1e-3)  # each prompt gets B / K = 1 example
+    assert q[0, 0] > 0.5 and q[1, 1] > 0.5
+    assert torch.softmax(logits, 0)[0].min() > 0.5  # unbalanced, prompt 0 would take both
