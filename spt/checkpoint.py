@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,19 @@ def resolve_checkpoint(path: str | Path, prefer: str = "checkpoint-best") -> Pat
             return stale[0]
     raise FileNotFoundError(f"{path} is not a checkpoint folder (expected {CONFIG} and {WEIGHTS}) "
                             f"or a run folder with checkpoint-best/ or checkpoint-last/")
+
+
+def checkpoint_config(folder: Path, overrides: dict | None = None) -> Config:
+    """The config saved in a checkpoint folder. Checkpoints written before ``spt.recipe`` existed trained
+    with the paper's equations: their saved spt section (every field, e.g. tau_gold) has no recipe."""
+    import yaml
+
+    path = Path(folder) / CONFIG
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    spt = saved.get("spt") if isinstance(saved, dict) else None
+    if isinstance(spt, dict) and "tau_gold" in spt and "recipe" not in spt:
+        overrides = {"spt.recipe": "paper", **(overrides or {})}
+    return load_config(path, overrides)
 
 
 def save_trainable(folder: Path, tensors: dict[str, torch.Tensor], cfg: Config,

@@ -97,14 +97,14 @@ def cmd_train(args: argparse.Namespace) -> int:
       spt train --resume runs/x                       # continue from runs/x/checkpoint-last
       spt train --resume runs/x --train.max_steps=40  # ... and train further
     """
-    from .checkpoint import CONFIG, resolve_checkpoint
+    from .checkpoint import checkpoint_config, resolve_checkpoint
     from .config import load_config, parse_overrides
     from .train import train
 
     overrides = parse_overrides(args.overrides)
     if args.resume:
         ckpt = resolve_checkpoint(args.resume, prefer="checkpoint-last")
-        cfg = load_config(ckpt / CONFIG, overrides)
+        cfg = checkpoint_config(ckpt, overrides)
         output_dir = args.output_dir or args.resume
     else:
         if not args.output_dir:

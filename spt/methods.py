@@ -26,11 +26,12 @@ from .checkpoint import (
     TRAINER_STATE,
     atomic_dir,
     check_shapes,
+    checkpoint_config,
     read_trainable,
     resolve_checkpoint,
     save_trainable,
 )
-from .config import Config, GenerateConfig, load_config
+from .config import Config, GenerateConfig
 from .format import IGNORE_INDEX, DialogueFormatter, render_text
 from .generate import Generation, generate_spt, generate_text
 from .model import SPTModel, response_logits, takes_position_ids
@@ -318,7 +319,7 @@ def build_method(cfg: Config, checkpoint: Path | None = None) -> Method:
 def load_method(path: str | Path, device: str | None = None) -> Method:
     """Rebuild a trained method (base model + trained state) from a checkpoint or run folder."""
     folder = resolve_checkpoint(path)
-    method = build_method(load_config(folder / CONFIG), folder)
+    method = build_method(checkpoint_config(folder), folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     method.model.to(device).eval()
     return method

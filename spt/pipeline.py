@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG, resolve_checkpoint
+from .checkpoint import checkpoint_config, resolve_checkpoint
 from .config import Config, load_config
 from .data import read_examples
 
@@ -51,7 +51,7 @@ def generate_file(run: str | Path, data: str | None = None, out: str | Path | No
 
 def run_config(run: Path, overrides: dict[str, Any] | None = None) -> Config:
     try:
-        return load_config(resolve_checkpoint(run) / CONFIG, overrides)
+        return checkpoint_config(resolve_checkpoint(run), overrides)
     except FileNotFoundError:
         return load_config(None, overrides)
 

@@ -283,3 +283,21 @@ def test_sinkhorn_balances_and_assigns_by_relative_advantage():
     assert torch.allclose(q.sum(1), torch.ones(2), atol=1e-3)  # each prompt gets B / K = 1 example
     assert q[0, 0] > 0.5 and q[1, 1] > 0.5
     assert torch.softmax(logits, 0)[0].min() > 0.5  # unbalanced, prompt 0 would take both
+
+
+def test_checkpoints_from_before_recipes_load_as_the_paper_recipe(tmp_path):
+    import yaml
+
+    from spt.checkpoint import checkpoint_config
+    from spt.config import Config
+
+    saved = Config().to_dict()
+    for name in (*RECIPES["paper"], "recipe", "sel_replay"):
+        saved["spt"].pop(name, None)
+    saved["spt"].update({"tau_gold": 1.0, "tau_sim": 1.0, "fusion_weights": "raw", "lambda_fus": 1.0,
+                         "lambda_ctr": 0.4})  # what spt saved then
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = checkpoint_config(tmp_path)
+    assert cfg.spt.recipe == "paper" and cfg.spt.keys == "prompt_mean" and not cfg.spt.center_features
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(Config().to_dict()))  # a checkpoint of today
+    assert checkpoint_config(tmp_path).spt.recipe == "routed"
