@@ -210,12 +210,7 @@ class SPTModel(nn.Module):
 
         Returns the k-means cluster of each training example (None without k-means keys)."""
         r = self.retriever
-        center, keys = r.center, r.keys
-        r.center, r.keys = None, None  # raw features first
-        try:
-            x = torch.cat([r.features(e, m) for e, m in token_embeds])  # (N, d)
-        finally:
-            r.center, r.keys = center, keys
+        x = torch.cat([r.features(e, m, centred=False) for e, m in token_embeds])  # (N, d)
         if r.center is not None:
             r.center.copy_(x.mean(0))
             x = x - r.center

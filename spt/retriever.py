@@ -79,16 +79,18 @@ class Retriever(nn.Module):
         self.register_buffer("center", torch.zeros(d) if center else None)
         self.keys = nn.Parameter(torch.zeros(K, d)) if own_keys else None  # (K, d)
 
-    def features(self, token_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) token embeddings, (B, T) mask -> (B, d) pooled, centred context features, fp32."""
+    def features(self, token_embeds: torch.Tensor, mask: torch.Tensor, centred: bool = True) -> torch.Tensor:
+        """(B, T, d) token embeddings, (B, T) mask -> (B, d) pooled context features, fp32; centred by c
+        when the retriever has one, unless ``centred`` is False (to measure c itself)."""
+        center = self.center if centred else None
         x = token_embeds.float()
-        if self.center is not None and self.encoder is not None:
-            x = x - self.center  # centre the tokens the encoder sees
+        if center is not None and self.encoder is not None:
+            x = x - center  # centre the tokens the encoder sees
         if self.encoder is not None:
             x = self.encoder(x, src_key_padding_mask=~mask.bool())
         pooled = masked_mean(x, mask)
-        if self.center is not None and self.encoder is None:
-            pooled = pooled - self.center
+        if center is not None and self.encoder is None:
+            pooled = pooled - center
         return pooled
 
     def score_features(self, prompts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
