@@ -301,3 +301,17 @@ def test_checkpoints_from_before_recipes_load_as_the_paper_recipe(tmp_path):
     assert cfg.spt.recipe == "paper" and cfg.spt.keys == "prompt_mean" and not cfg.spt.center_features
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(Config().to_dict()))  # a checkpoint of today
     assert checkpoint_config(tmp_path).spt.recipe == "routed"
+
+
+def test_retriever_learning_rate_gets_its_own_parameter_group():
+    from spt.config import Config
+    from spt.train import param_groups
+
+    model = SPTModel(make_tiny_lm("gpt2", 64), SPTConfig(K=2, num_virtual_tokens=2), seed=0)
+    cfg = Config()
+    assert len(param_groups(model, cfg)) == 1  # unset: one learning rate for all
+    cfg.spt.retriever_lr = 1e-3
+    prompts, retriever = param_groups(model, cfg)
+    assert [p.shape for p in prompts["params"]] == [model.prompts.shape] and "lr" not in prompts
+    assert retriever["lr"] == 1e-3
+    assert {id(p) for p in retriever["params"]} == {id(p) for p in model.retriever.parameters()}
