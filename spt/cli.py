@@ -40,12 +40,16 @@ def data_stats(args: argparse.Namespace) -> int:
 
 
 def data_convert(args: argparse.Namespace) -> int:
-    """Convert any supported format to spt's JSONL format."""
-    examples = read_examples(args.file, args.data_format, args.strict)
+    """Convert any supported format to spt's JSONL format.
+
+    The output is written atomically: on any failure no partial or temp file is left."""
     out = Path(args.out) if args.out else Path(args.file).with_suffix(".jsonl")
     if out.resolve() == Path(args.file).resolve():
         raise ValueError(f"--out {out} would overwrite the input file")
-    n = write_jsonl(examples, out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the output file's path")
+    examples = read_examples(args.file, args.data_format, args.strict)
+    n = _write_outputs({out: examples})[out]
     print(f"wrote {n} examples to {out}")
     return 0
 
@@ -57,26 +61,61 @@ def data_synth(args: argparse.Namespace) -> int:
     """
     from .data.synth import synth_examples
 
-    examples = synth_examples(args.dialogues, seed=args.seed)
     out = Path(args.out)
+    fractions = parse_fractions(args.split) if args.split else None
+    if fractions and "synthetic" in fractions:
+        raise ValueError("--split: the name 'synthetic' is taken by DIR/synthetic.jsonl; choose another")
+    _check_out_dir(out)
+    examples = synth_examples(args.dialogues, seed=args.seed)
     n = write_jsonl(examples, out / "synthetic.jsonl")
     print(f"wrote {n} examples from {args.dialogues} dialogues to {out / 'synthetic.jsonl'}")
-    if args.split:
-        _write_splits(examples, parse_fractions(args.split), args.seed, out)
+    if fractions:
+        _write_splits(examples, fractions, args.seed, out)
     return 0
 
 
 def data_split(args: argparse.Namespace) -> int:
-    """Split a data file by dialogue (a dialogue never spans two splits) into DIR/<split>.jsonl."""
+    """Split a data file by dialogue (a dialogue never spans two splits) into DIR/<split>.jsonl.
+
+    Split names must be plain names ([A-Za-z0-9][A-Za-z0-9_.-]*). All split files are written or none:
+    on any failure no partial or temp file is left."""
+    fractions = parse_fractions(args.fractions)
+    out = Path(args.out)
+    _check_out_dir(out)
+    source = Path(args.file).resolve()
+    for name in fractions:
+        if (out / f"{name}.jsonl").resolve() == source:
+            raise ValueError(f"split {name!r} would overwrite the input file {args.file}")
     examples = read_examples(args.file, args.data_format, args.strict)
-    _write_splits(examples, parse_fractions(args.fractions), args.seed, Path(args.out))
+    _write_splits(examples, fractions, args.seed, out)
     return 0
 
 
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+
+
+def _write_outputs(files: dict[Path, list]) -> dict[Path, int]:
+    """Write JSONL files all or nothing (see write_jsonl_files); an OSError becomes a one-line error."""
+    from .data import write_jsonl_files
+
+    try:
+        return write_jsonl_files(files)
+    except OSError as e:
+        raise ValueError(f"cannot write {e.filename or next(iter(files))}: {e.strerror or e}") from None
+
+
 def _write_splits(examples, fractions: dict[str, float], seed: int, out: Path) -> None:
-    for name, part in split_by_dialogue(examples, fractions, seed).items():
-        n = write_jsonl(part, out / f"{name}.jsonl")
-        print(f"{name}: {n} examples, {len({e.dialogue_id for e in part})} dialogues -> {out / f'{name}.jsonl'}")
+    parts = split_by_dialogue(examples, fractions, seed)
+    files = {name: out / f"{name}.jsonl" for name in parts}
+    counts = _write_outputs({files[name]: part for name, part in parts.items()})
+    for name, part in parts.items():
+        if not part:
+            log.warning("split %r is empty (%d dialogue(s) to split in all)", name,
+                        len({e.dialogue_id for e in examples}))
+        print(f"{name}: {counts[files[name]]} examples, {len({e.dialogue_id for e in part})} dialogues "
+              f"-> {files[name]}")
 
 
 def data_download(args: argparse.Namespace) -> int:
@@ -95,7 +134,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     Examples:
       spt train --config configs/tiny-cpu.yaml --output-dir runs/x --train.max_steps=20
       spt train --resume runs/x                       # continue from runs/x/checkpoint-last
-      spt train --resume runs/x --train.max_steps=40  # ... and train further
+      spt train --resume runs/x --train.max_steps=40  # ... and train further (lr, schedule, losses may change too)
+      spt train --config c.yaml --output-dir runs/x --overwrite  # replace the run in runs/x
+
+    A folder that already holds a run is refused unless --resume continues it or --overwrite replaces it.
+    Ctrl-C stops after the step in progress and saves checkpoint-last there (a second Ctrl-C stops at once).
     """
     from .checkpoint import checkpoint_config, resolve_checkpoint
     from .config import load_config, parse_overrides
@@ -105,13 +148,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         ckpt = resolve_checkpoint(args.resume, prefer="checkpoint-last")
         cfg = checkpoint_config(ckpt, overrides)
-        output_dir = args.output_dir or args.resume
+        run_dir = ckpt.parent if Path(args.resume).resolve() == ckpt.resolve() else Path(args.resume)
+        output_dir = args.output_dir or run_dir
     else:
         if not args.output_dir:
             raise ValueError("--output-dir is required (or --resume RUN_DIR)")
         cfg = load_config(args.config, overrides)
         output_dir = args.output_dir
-    result = train(cfg, output_dir, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, output_dir, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"trained {result.step} steps in {result.seconds:.1f}s; best valid loss "
           f"{result.best_val_loss if result.best_val_loss is None else round(result.best_val_loss, 4)}; "
           f"checkpoints in {result.output_dir}")
@@ -123,20 +167,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate replies for a data file with a trained run (each row with its own selected prompt).
 
-    Writes JSONL: persona, context, reference, prediction, selected prompt and the K scores.
-    Generation options are dotted overrides, e.g. --generate.num_beams=4 --generate.max_new_tokens=32.
+    Writes JSONL: persona, context, reference, prediction, selected prompt and the K scores, and the
+    reference's NLL (ref_nll; null where the reference does not fit data.max_length: it is not scored,
+    and spt eval leaves it out of PPL). Generation options are dotted overrides, e.g.
+    --generate.num_beams=4 --generate.max_new_tokens=32. --model.name_or_path=PATH (and --model.tokenizer,
+    --model.dtype) load the run's base model from elsewhere, e.g. after it was moved.
     """
     from .config import parse_overrides
     from .pipeline import generate_file
 
     overrides = parse_overrides(args.overrides)
-    unknown = [k for k in overrides if not k.startswith("generate.")]
+    unknown = [k for k in overrides if not k.startswith("generate.") and k not in GENERATE_MODEL_OVERRIDES]
     if unknown:
-        raise ValueError(f"only --generate.* overrides apply here, got {unknown}")
-    out = generate_file(args.run, args.data, args.out, args.limit,
-                        {k.split(".", 1)[1]: v for k, v in overrides.items()}, args.data_format, not args.no_progress)
+        raise ValueError(f"only --generate.* and --{', --'.join(GENERATE_MODEL_OVERRIDES)} overrides apply here, "
+                         f"got --{', --'.join(unknown)}")
+    gen = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("generate.")}
+    model = {k: v for k, v in overrides.items() if k in GENERATE_MODEL_OVERRIDES}
+    out = generate_file(args.run, args.data, args.out, args.limit, gen, args.data_format, not args.no_progress,
+                        overrides=model)
     print(f"wrote predictions to {out}")
     return 0
+
+
+GENERATE_MODEL_OVERRIDES = ("model.name_or_path", "model.tokenizer", "model.dtype")
+
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -144,13 +198,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     Metrics: F1 (ParlAI-normalised and unnormalised), BLEU and BLEU-1..4 (sacreBLEU), ROUGE-1/2/L,
     DIST-1/2, perplexity of the references, BERTScore and METEOR where available, prompt selection.
+
+    Every row is checked before anything is scored: a row that cannot be used (not UTF-8, not a JSON
+    object, a missing or mistyped field) stops with one line naming FILE:LINE and the field, exit 2, and
+    nothing written. Counted instead, with a warning and a count in metrics.json: rows without ref_nll
+    (left out of PPL: ppl_unscored) and prompts outside 0..K-1 (left out of the histogram:
+    selection_out_of_range). Loads no model (--model.* overrides are accepted and unused).
     """
     from .config import parse_overrides
     from .pipeline import evaluate_file
 
     metrics, report = evaluate_file(args.run, args.predictions, args.out, parse_overrides(args.overrides))
     keys = ("f1", "bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "dist1", "dist2", "meteor", "ppl")
-    print(json.dumps({k: round(metrics[k], 3) for k in keys if k in metrics}))
+    print(json.dumps({k: round(metrics[k], 3) for k in keys if isinstance(metrics.get(k), float)}, allow_nan=False))
     print(f"report: {report}")
     return 0
 
@@ -256,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (defaults apply where it is silent)")
     p.add_argument("--output-dir", default=None, help="run folder for checkpoints and logs")
     p.add_argument("--resume", default=None, help="run or checkpoint folder to continue from")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(takes_overrides=True)
 
@@ -264,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data file (default: the config's data.test, then data.valid)")
     p.add_argument("--data-format", choices=FORMATS, default=None)
     p.add_argument("--out", default=None, help="predictions JSONL (default: RUN/predictions.jsonl)")
-    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only (N >= 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(takes_overrides=True)
 
@@ -301,8 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
-        print(f"spt: error: {e}", file=sys.stderr)
+    except (DataError, ValueError, OSError, RuntimeError) as e:  # OSError: unwritable folder, full disk...
+        print("spt: error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spt: interrupted", file=sys.stderr)

@@ -89,7 +89,7 @@ class DialogueFormatter:
         return self._encode(persona, context, None, self.max_length - reserve).input_ids
 
     def _encode(self, persona, context, response: str | None, max_length: int | None = None) -> Encoded:
-        max_length = max_length or self.max_length
+        max_length = self.max_length if max_length is None else max_length  # 0 (all reserved) is not "unset"
         context = list(context)
         if self.max_context_turns is not None:
             context = context[len(context) - self.max_context_turns:] if self.max_context_turns else []
@@ -101,6 +101,9 @@ class DialogueFormatter:
         target = pieces[-1] + [self.eos] if response is not None else []
         fixed = len(self.bos) + len(tail) + len(target)
         if fixed > max_length:
+            if response is None:
+                raise ResponseTooLong(f"the prompt's fixed part ({fixed} tokens) does not fit in {max_length} tokens "
+                                      f"(max_length={self.max_length} minus the tokens reserved for generation)")
             raise ResponseTooLong(f"response of {len(target)} tokens does not fit in max_length={max_length}")
         budget = max_length - fixed
         # Priority: the newest turn, then the persona, then older turns newest-first; what does not

@@ -48,3 +48,34 @@ def test_download_offline_fails_fast_with_instructions(tmp_path, monkeypatch, ca
     assert main(["data", "download", "convai2"]) == 2
     err = capsys.readouterr().err
     assert "no network access" in err and str(tmp_path) in err
+
+
+def test_split_with_null_dialogue_ids_fills_every_split(tmp_path, capsys):
+    """Null dialogue ids used to become the one id "None": one dialogue, so one split got everything."""
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"persona": [f"p{i}."], "context": ["hi"], "response": "x",
+                                       "dialogue_id": None}) + "\n" for i in range(10)))
+    assert main(["data", "split", str(src), "--out", str(tmp_path / "out"), "--fractions", "train=0.8,valid=0.2"]) == 0
+    assert len(read_examples(tmp_path / "out" / "train.jsonl")) == 8
+    assert len(read_examples(tmp_path / "out" / "valid.jsonl")) == 2
+    assert "valid: 2 examples, 2 dialogues" in capsys.readouterr().out
+
+
+def test_split_names_must_stay_inside_out(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"persona": ["p."], "response": "x"}) + "\n")
+    assert main(["data", "split", str(src), "--out", str(tmp_path / "a" / "b"),
+                 "--fractions", "../../escape=0.5,train=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad split name '../../escape'" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d.jsonl"]
+
+
+def test_convert_to_existing_folder_is_one_line_and_leaves_no_temp(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"persona": ["p."], "response": "x"}) + "\n")
+    (tmp_path / "out").mkdir()
+    assert main(["data", "convert", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d.jsonl", "out"]

@@ -205,3 +205,56 @@ def test_empty_file_and_missing_file(tmp_path):
         read_examples(_write(tmp_path, "d.jsonl", "\n"))
     with pytest.raises(DataError, match="no such file"):
         read_examples(tmp_path / "missing.txt")
+
+
+# --- issue 4/5: BOM, unnumbered ParlAI lines, null JSONL fields -------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    ("d.txt", "1 your persona: i like cats.\n2 your persona: i ski.\n3 hi\thello\n"),
+    ("d.jsonl", '{"persona": ["i like cats.", "i ski."], "context": ["hi"], "response": "hello"}\n'),
+    ("d.json", '{"train": [{"personality": ["i like cats.", "i ski."], '
+               '"utterances": [{"history": ["hi"], "candidates": ["hello"]}]}]}'),
+    ("d.csv", 'user 1 personas,user 2 personas,conv\n"x.","i like cats.\ni ski.","User 1: hi\nUser 2: hello"\n'),
+])
+def test_utf8_bom_is_ignored_by_every_reader(tmp_path, name, text):
+    plain = read_examples(_write(tmp_path, name, text.encode()))
+    report = ReadReport()
+    bom = read_examples(_write(tmp_path, "bom-" + name, b"\xef\xbb\xbf" + text.encode()), report=report)
+    assert report.skipped == 0
+    assert [(e.persona, e.context, e.response) for e in bom] == [(e.persona, e.context, e.response) for e in plain]
+    assert bom[0].persona == ("i like cats.", "i ski.")
+
+
+def test_parlai_unnumbered_line_drops_its_whole_dialogue(tmp_path, caplog):
+    p = _write(tmp_path, "d.txt", "1 your persona: a.\n2 hi\thello\nstray\n3 how are you\tfine\n"
+                                  "1 your persona: b.\n2 yo\they\n3 ok ?\tok .\n")
+    report = ReadReport()
+    examples = read_examples(p, report=report)
+    assert [e.persona for e in examples] == [("b.",), ("b.",)]  # no example of the dialogue with the hole
+    assert examples[1].context == ("yo", "hey", "ok ?")
+    assert report.skipped == 1 and "d.txt:3: line does not start with a turn number; dropped its whole dialogue " \
+                                   "(lines 1-4)" in report.reasons[0]
+    assert "d.txt:3: line does not start with a turn number" in caplog.text  # the warning names file:line
+    with pytest.raises(DataError, match=r"d\.txt:3: line does not start with a turn number"):
+        read_examples(p, strict=True)
+
+
+def test_jsonl_null_dialogue_id_never_merges_dialogues(tmp_path):
+    rows = [{"persona": [f"p{i}."], "context": ["hi"], "response": "x", "dialogue_id": None} for i in range(3)]
+    rows.append({"persona": ["q."], "context": ["hi"], "response": "y", "dialogue_id": "kept", "turn": None})
+    p = _write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    examples = read_examples(p)
+    assert [e.dialogue_id for e in examples] == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3", "kept"]
+    assert examples[3].turn == 0
+
+
+@pytest.mark.parametrize("value, shown", [('"abc"', '"abc"'), ("-2", "-2"), ("1.5", "1.5"), ("true", "true")])
+def test_jsonl_bad_turn_is_a_counted_skip_naming_line_and_field(tmp_path, value, shown):
+    p = _write(tmp_path, "d.jsonl", '{"persona": ["a."], "response": "ok"}\n'
+                                    f'{{"persona": ["a."], "response": "ok", "turn": {value}}}\n')
+    report = ReadReport()
+    assert len(read_examples(p, report=report)) == 1
+    assert report.skipped == 1 and report.reasons[0].endswith(
+        f"d.jsonl:2: field 'turn': expected a non-negative integer, found {shown}")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'turn'"):
+        read_examples(p, strict=True)

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from spt.data import parse_fractions, split_by_dialogue
+from spt.data import check_split_name, parse_fractions, split_by_dialogue
 from spt.data.synth import _TOPICS, FACTS, STYLES, synth_examples
 
 
@@ -57,3 +57,22 @@ def test_parse_fractions():
         parse_fractions("train=0.8,valid")
     with pytest.raises(ValueError, match="non-negative"):
         split_by_dialogue(synth_examples(2), {"a": -1.0})
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".", "..", ".hidden", "", "a b", "x" * 101, "-a", "a\\b"])
+def test_split_names_must_be_plain(name):
+    with pytest.raises(ValueError, match="bad split name"):
+        check_split_name(name)
+    with pytest.raises(ValueError, match="bad split name"):
+        split_by_dialogue(synth_examples(4), {name: 1.0, "train": 1.0})
+
+
+def test_parse_fractions_refuses_repeats_and_non_finite():
+    assert parse_fractions(" train.v2 = 0.5 ,valid-1_a=0.5") == {"train.v2": 0.5, "valid-1_a": 0.5}
+    with pytest.raises(ValueError, match="appears twice"):
+        parse_fractions("a=0.5,a=0.5")
+    for spec in ("a=nan", "a=inf,b=1", "a=-0.1,b=1"):
+        with pytest.raises(ValueError, match="bad split fraction"):
+            parse_fractions(spec)
+    with pytest.raises(ValueError, match="finite"):
+        split_by_dialogue(synth_examples(4), {"a": float("inf")})

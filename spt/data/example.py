@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,8 @@ class DataError(ValueError):
     def __init__(self, path: str | Path, line: int | None, problem: str):
         self.path, self.line, self.problem = str(path), line, problem
         where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
+        # Always one line, even for file names or quoted data with line breaks in them.
+        super().__init__(f"{where}: {problem}".replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True)
@@ -60,17 +63,56 @@ class ReadReport:
 
 
 def write_jsonl(examples: Iterable[Example], path: str | Path) -> int:
-    """Write examples in spt's JSONL format (one example per line); returns the count."""
+    """Write examples in spt's JSONL format (one example per line); returns the count.
+
+    Atomic: written to ``PATH.tmp`` and renamed; on any failure neither the temp file nor a partial
+    ``PATH`` is left (an existing ``PATH`` is kept as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    return write_jsonl_files({path: examples})[path]
+
+
+def write_jsonl_files(files: Mapping[Path, Iterable[Example]]) -> dict[Path, int]:
+    """Write several JSONL files all or nothing; returns each file's example count.
+
+    Every file is first written to ``PATH.tmp``; only when all are complete are they renamed into
+    place. On any failure the temp files, any file this call created and any folder it created are
+    removed, and the exception is re-raised (an ``OSError`` names the file)."""
+    paths = {Path(p): examples for p, examples in files.items()}
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder, expected a file path", str(path))
+    new_dirs: list[Path] = []
+    tmps: dict[Path, Path] = {}
+    created: list[Path] = []
+    counts: dict[Path, int] = {}
+    try:
+        for path, examples in paths.items():
+            for parent in reversed(path.parents):
+                if not parent.exists():
+                    parent.mkdir()
+                    new_dirs.append(parent)
+            tmp = path.with_name(path.name + ".tmp")
+            n = 0
+            with tmp.open("w", encoding="utf-8") as f:
+                tmps[path] = tmp  # ours to remove from here on
+                for ex in examples:
+                    f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+                    n += 1
+            counts[path] = n
+        for path, tmp in tmps.items():
+            existed = path.exists()
+            tmp.replace(path)
+            if not existed:
+                created.append(path)
+    except BaseException:
+        for leftover in [*tmps.values(), *created]:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        for folder in reversed(new_dirs):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return counts
 
 
 def group_by_dialogue(examples: Iterable[Example]) -> Iterator[list[Example]]:
