@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import Config, GenerateConfig
 from .data import Example
@@ -54,8 +55,11 @@ class Responder:
         return Reply(g[0].prediction, g[0].prompt, g[0].scores)
 
 
-def load(path: str | Path, device: str | None = None) -> Responder:
-    """Load a run or checkpoint folder of any method (base model from the config's name or path)."""
+def load(path: str | Path, device: str | None = None, overrides: dict[str, Any] | None = None) -> Responder:
+    """Load a run or checkpoint folder of any method (base model from the config's name or path).
+
+    ``overrides``: dotted config fields to change first, e.g. ``{"model.name_or_path": "NEW_PATH"}``
+    when the base model the run was trained on has moved (the CLI's ``--model.name_or_path=NEW_PATH``)."""
     from .methods import load_method
 
-    return Responder(load_method(path, device))
+    return Responder(load_method(path, device, overrides))

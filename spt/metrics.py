@@ -79,12 +79,16 @@ def distinct(predictions: Sequence[str], n: int) -> float:
     return 100 * len(grams) / total if total else 0.0
 
 
-def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
-    """Corpus perplexity: exp(total NLL / total tokens)."""
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float | None:
+    """Corpus perplexity: exp(total NLL / total tokens) (the mean NLL capped at 50 nats, so it stays finite).
+
+    None when there are no tokens or the NLL is not finite: perplexity is undefined then, and NaN must
+    never reach metrics.json (it is not JSON)."""
     tokens = sum(token_counts)
-    if tokens == 0:
-        return float("nan")
-    return math.exp(min(sum(nll_sums) / tokens, 50.0))
+    total = sum(nll_sums)
+    if tokens <= 0 or not math.isfinite(total):
+        return None
+    return math.exp(min(total / tokens, 50.0))
 
 
 COLLAPSE_SHARE = 0.7  # one prompt taking more than this share of the selections is flagged as collapse

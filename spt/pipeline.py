@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,53 +19,90 @@ log = logging.getLogger(__name__)
 
 def generate_file(run: str | Path, data: str | None = None, out: str | Path | None = None, limit: int | None = None,
                   gen_overrides: dict[str, Any] | None = None, data_format: str | None = None,
-                  progress: bool = True) -> Path:
-    """Generate for every example of ``data`` with the run's model; write predictions JSONL (atomically)."""
+                  progress: bool = True, overrides: dict[str, Any] | None = None) -> Path:
+    """Generate for every example of ``data`` with the run's model; write predictions JSONL (atomically).
+
+    ``limit``: the first N examples only (N >= 1). ``overrides``: dotted config overrides applied to the
+    run's saved config before the model is loaded, e.g. {"model.name_or_path": NEW_PATH} when the base
+    model moved. The data is read and checked before the model is loaded; on any failure no predictions
+    file and no temp file is left. A reference that does not fit data.max_length gets ``ref_nll: null``
+    (see :func:`spt.generate.reference_nll`)."""
     from .api import load
 
-    bot = load(run)
-    cfg = bot.config
-    gen = {**dataclasses.asdict(cfg.generate), **(gen_overrides or {})}
-    gen_cfg = load_config(None, {f"generate.{k}": v for k, v in gen.items()}).generate  # validated
-    data = data or cfg.data.test or cfg.data.valid
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be a number of examples >= 1, got {limit!r}")
+    out = Path(out) if out else Path(run) / "predictions.jsonl"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the predictions file's path")
+    gen = {f"generate.{k}": v for k, v in (gen_overrides or {}).items()}
+    saved = checkpoint_config(resolve_checkpoint(run), {**(overrides or {}), **gen})  # validated with the run's
+    gen_cfg = saved.generate  # data.max_length, which max_new_tokens must leave room within
+    data = data or saved.data.test or saved.data.valid
     if not data:
         raise ValueError("no data to generate for: pass --data FILE")
-    examples = read_examples(data, data_format or cfg.data.format, cfg.data.strict)
+    examples = read_examples(data, data_format or saved.data.format, saved.data.strict)
     if limit:
         examples = examples[:limit]
+    with _hf_progress(progress):
+        bot = load(run, overrides=overrides)
     outputs = bot.generate(examples, progress=progress, **dataclasses.asdict(gen_cfg))
-    out = Path(out) if out else Path(run) / "predictions.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex, g in zip(examples, outputs, strict=True):
-            row = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": list(ex.persona),
-                   "context": list(ex.context), "reference": ex.response, "prediction": g.prediction, "raw": g.raw,
-                   "prompt": g.prompt, "scores": g.scores, "ref_nll": g.ref_nll, "ref_tokens": g.ref_tokens}
-            if g.ref_nll_by_prompt is not None:
-                row["ref_nll_by_prompt"] = g.ref_nll_by_prompt
-            if ex.style:
-                row["style"] = ex.style
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for ex, g in zip(examples, outputs, strict=True):
+                row = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": list(ex.persona),
+                       "context": list(ex.context), "reference": ex.response, "prediction": g.prediction,
+                       "raw": g.raw, "prompt": g.prompt, "scores": g.scores, "ref_nll": g.ref_nll,
+                       "ref_tokens": g.ref_tokens}
+                if g.ref_nll_by_prompt is not None:
+                    row["ref_nll_by_prompt"] = g.ref_nll_by_prompt
+                if ex.style:
+                    row["style"] = ex.style
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
-def run_config(run: Path, overrides: dict[str, Any] | None = None) -> Config:
+@contextlib.contextmanager
+def _hf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bars on stderr only where progress is wanted (not with --no-progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
     try:
-        return checkpoint_config(resolve_checkpoint(run), overrides)
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def run_config(run: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, bool]:
+    """The run's saved config with ``overrides`` and True, or the defaults with them and False (no run)."""
+    try:
+        return checkpoint_config(resolve_checkpoint(run), overrides), True
     except FileNotFoundError:
-        return load_config(None, overrides)
+        return load_config(None, overrides), False
 
 
 def evaluate_file(run: str | Path, predictions: str | Path | None = None, out: str | Path | None = None,
                   overrides: dict[str, Any] | None = None) -> tuple[dict, Path]:
-    """Score predictions and write metrics.json, report.md and plots; returns (metrics, report path)."""
+    """Score predictions and write metrics.json, report.md and plots; returns (metrics, report path).
+
+    Every row is checked first (see :func:`spt.report.read_predictions`: a row that cannot be used is a
+    DataError naming file:line and field, and nothing is written). K, for the prompt-selection
+    histogram, is the run's spt.K (or ``--spt.K``); without a run config it is inferred from the rows."""
     from .report import compute_metrics, read_predictions, write_report
 
     run = Path(run)
-    cfg = run_config(run, overrides)
-    K = cfg.spt.K if cfg.method in ("spt", "pt") else None
+    cfg, from_run = run_config(run, overrides)
+    explicit_k = "spt.K" in (overrides or {})
+    K = cfg.spt.K if cfg.method in ("spt", "pt") and (from_run or explicit_k) else None
     rows = read_predictions(Path(predictions) if predictions else run / "predictions.jsonl")
     metrics = compute_metrics(rows, cfg.eval, K)
     report = write_report(Path(out) if out else run / "eval", run.name, metrics, rows, run if run.is_dir() else None,

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from pathlib import Path
+from typing import Any
 
 from . import metrics as M
 from .config import EvalConfig
+from .data import DataError
 
 log = logging.getLogger(__name__)
 
@@ -19,32 +23,167 @@ LOWER_IS_BETTER = {"ppl"}
 NOT_QUALITY = {"train_min"}  # shown in tables, left out of relative change and AVG
 
 
+MAX_TEXT_CHARS = 100_000  # a prediction or reference longer than this is refused (ROUGE alone takes ~2 s on it)
+
+
 def read_predictions(path: str | Path) -> list[dict]:
+    """The rows of a predictions JSONL (as ``spt generate`` writes them), validated before anything is scored.
+
+    Policy: a row that cannot be used is an error, never a silent skip. A :class:`~spt.data.DataError`
+    names the file, the line and the field (the CLI prints it on one line and exits 2), and nothing is
+    written. Unusable means: not UTF-8, not JSON, not a JSON object, ``prediction``/``reference`` missing or
+    not strings (or longer than ``MAX_TEXT_CHARS``), or a field the metrics read (``prompt``, ``ref_nll``,
+    ``ref_tokens``, ``ref_nll_by_prompt``, ``persona``, ``context``, ``style``) of the wrong type; a
+    ``ref_nll`` must be a finite number >= 0 with ``ref_tokens`` >= 1. Blank lines and a UTF-8 byte-order
+    mark are ignored. Two things are counted instead: a row with ``ref_nll: null`` (a reference that was
+    not scored, e.g. longer than data.max_length) is left out of PPL, and a ``prompt`` outside 0..K-1 is
+    left out of the selection histogram (see :func:`compute_metrics`); both are warned about and reported
+    in metrics.json."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no predictions file (run spt generate first)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(path, None, f"cannot read: {e.strerror or e}") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-    for i, r in enumerate(rows, 1):
-        for key in ("prediction", "reference"):
-            if not isinstance(r.get(key), str):
-                raise ValueError(f"{path}:{i}: field {key!r} missing or not a string")
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, i, f"not UTF-8 text (byte {e.start} of the line)") from None
+        if i == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, i, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise DataError(path, i, "invalid JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise DataError(path, i, f"invalid JSON: {str(e).split(';')[0][:120]}") from None
+        rows.append(_check_row(path, i, row))
     if not rows:
-        raise ValueError(f"{path}: no predictions")
+        raise DataError(path, None, "no predictions (the file is empty)")
     return rows
 
 
+def _kind(value: Any) -> str:
+    """A JSON value's kind for messages ("a number", "a list"...), never the value itself (it may be huge)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    """A found value for a message: numbers as numbers, anything else by its kind (it may be huge)."""
+    if not _is_number(value):
+        return _kind(value)
+    try:
+        return f"{float(value):.6g}"
+    except OverflowError:
+        return "a number too large for a float"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value: Any, minimum: float) -> bool:
+    """A number (not a boolean), finite even as a float (JSON integers can be too large for one), >= minimum."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= minimum
+    except OverflowError:
+        return False
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and _finite(value, minimum)
+
+
+def _check_row(path: Path, line: int, row: Any) -> dict:
+    def bad(field: str, expected: str) -> DataError:
+        if field not in row:
+            return DataError(path, line, f"field {field!r} is missing (expected {expected})")
+        return DataError(path, line, f"field {field!r}: expected {expected}, found {_show(row[field])}")
+
+    if not isinstance(row, dict):
+        raise DataError(path, line, f"expected a JSON object (one prediction per line), found {_kind(row)}")
+    for key in ("prediction", "reference"):
+        text = row.get(key)
+        if not isinstance(text, str):
+            raise bad(key, "a string")
+        if len(text) > MAX_TEXT_CHARS:
+            raise DataError(path, line, f"field {key!r}: {len(text)} characters, more than the {MAX_TEXT_CHARS} "
+                                        "spt eval scores")
+        _check_unicode(path, line, key, text)
+    for key in ("persona", "context"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+            raise bad(key, "a list of strings")
+        for s in value or []:
+            _check_unicode(path, line, key, s)
+    style = row.get("style")
+    if style is not None and not isinstance(style, str):
+        raise bad("style", "a string or null")
+    _check_unicode(path, line, "style", style or "")
+    prompt = row.get("prompt")
+    if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int)):
+        raise bad("prompt", "an integer prompt index or null")
+    nll, tokens = row.get("ref_nll"), row.get("ref_tokens")
+    if nll is not None:
+        if not _finite(nll, 0):
+            raise bad("ref_nll", "a finite number >= 0 or null")
+        if not _is_count(tokens, 1):
+            raise bad("ref_tokens", "an integer >= 1 where ref_nll is set")
+    elif tokens is not None and not _is_count(tokens, 0):
+        raise bad("ref_tokens", "an integer >= 0")
+    by_prompt = row.get("ref_nll_by_prompt")
+    if by_prompt is not None:
+        if not (isinstance(by_prompt, list) and by_prompt and all(_finite(v, 0) for v in by_prompt)):
+            raise bad("ref_nll_by_prompt", "a non-empty list of finite numbers >= 0")
+        if nll is None:
+            raise DataError(path, line, "field 'ref_nll': null, but ref_nll_by_prompt is set")
+    return row
+
+
+def _check_unicode(path: Path, line: int, field: str, text: str) -> None:
+    """JSON's "\\ud800" escapes give lone surrogates, which cannot be written to report.md."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(path, line, f"field {field!r}: not valid Unicode text (lone surrogate at character "
+                                    f"{e.start})") from None
+
+
 def compute_metrics(rows: list[dict], cfg: EvalConfig, K: int | None = None) -> dict:
+    """Every metric of the rows (from :func:`read_predictions`). ``K``: the run's number of prompts (None:
+    inferred from the largest prompt index).
+
+    PPL is over the rows with a ``ref_nll``; rows without one (references spt generate could not score,
+    e.g. longer than data.max_length, which training skips too) are left out, counted in ``ppl_unscored``
+    and warned about. PPL is left out when no reference has tokens to score (never NaN). A ``prompt``
+    outside 0..K-1 is left out of the selection histogram and counted in ``selection_out_of_range``."""
     preds = [r["prediction"] for r in rows]
     refs = [r["reference"] for r in rows]
     out: dict = {"n": len(rows), **M.text_metrics(preds, refs)}
-    if all(r.get("ref_nll") is not None for r in rows):
-        out["ppl"] = M.perplexity([r["ref_nll"] for r in rows], [r["ref_tokens"] for r in rows])
+    scored = [r for r in rows if r.get("ref_nll") is not None]
+    if scored:
+        ppl = M.perplexity([r["ref_nll"] for r in scored], [r["ref_tokens"] for r in scored])
+        if ppl is not None:
+            out["ppl"] = ppl
+        if len(scored) < len(rows):
+            out["ppl_unscored"] = len(rows) - len(scored)
+            log.warning("PPL is over %d of %d references: %d have no ref_nll (not scored by spt generate, e.g. "
+                        "longer than data.max_length)", len(scored), len(rows), len(rows) - len(scored))
     bs = M.bertscore(preds, refs, cfg.bertscore_model, cfg.bertscore_layers)
     if "skipped" in bs:
         out["bertscore_skipped"] = bs["skipped"]
@@ -59,23 +198,38 @@ def compute_metrics(rows: list[dict], cfg: EvalConfig, K: int | None = None) -> 
             log.warning("METEOR skipped: %s", met["skipped"])
         else:
             out["meteor"] = met["meteor"]
-    selected = [r["prompt"] for r in rows if r.get("prompt") is not None]
-    if selected:
-        K = K or max(selected) + 1
-        out["selection"] = M.selection_stats(selected, K)
-        out.update(reference_routing(rows))
-        styles = sorted({r["style"] for r in rows if r.get("style")})
-        if styles:
-            out["selection_by_style"] = {s: [sum(1 for r in rows if r.get("style") == s and r["prompt"] == k)
-                                             for k in range(K)] for s in styles}
+    given = [r["prompt"] for r in rows if r.get("prompt") is not None]
+    if given:
+        K = K or max((p for p in given if p >= 0), default=-1) + 1
+        routed = [r for r in rows if _in_range(r, K)]
+        outside = len(given) - len(routed)
+        if outside:
+            out["selection_out_of_range"] = outside
+            log.warning("%d row(s) have a prompt index outside 0..K-1 (K=%d); they are left out of the selection "
+                        "histogram (selection_out_of_range in metrics.json)", outside, K)
+        if len(given) < len(rows):
+            out["selection_missing"] = len(rows) - len(given)
+        if routed:
+            out["selection"] = M.selection_stats([r["prompt"] for r in routed], K)
+            out.update(reference_routing(routed, K))
+            styles = sorted({r["style"] for r in routed if r.get("style")})
+            if styles:
+                out["selection_by_style"] = {s: [sum(1 for r in routed if r.get("style") == s and r["prompt"] == k)
+                                                 for k in range(K)] for s in styles}
     return out
 
 
-def reference_routing(rows: list[dict]) -> dict:
+def _in_range(row: dict, K: int) -> bool:
+    return row.get("prompt") is not None and 0 <= row["prompt"] < K
+
+
+def reference_routing(rows: list[dict], K: int | None = None) -> dict:
     """How good the retriever's picks were on these references: the loss (nats/token) under the selected
     prompt, the mean over prompts and the best prompt per example (oracle), and how often the pick
-    was that best prompt (select_acc). Needs ``ref_nll_by_prompt`` (written by spt generate for SPT)."""
-    scored = [r for r in rows if r.get("ref_nll_by_prompt") and r.get("prompt") is not None]
+    was that best prompt (select_acc). Needs ``ref_nll_by_prompt`` (written by spt generate for SPT) with
+    one entry per prompt (K of them when ``K`` is given) and the pick among them."""
+    scored = [r for r in rows if r.get("ref_nll_by_prompt") and r.get("ref_nll") is not None
+              and (K is None or len(r["ref_nll_by_prompt"]) == K) and _in_range(r, len(r["ref_nll_by_prompt"]))]
     tokens = sum(r["ref_tokens"] for r in scored)
     if not scored or not tokens:
         return {}
@@ -111,8 +265,19 @@ def selection_plot(hist: list[int], path: Path, title: str) -> None:
     ax.set_ylabel("examples")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
+
+
+def _savefig(fig, path: Path) -> None:
+    """Save a PNG through a temporary sibling renamed into place (no partial image if interrupted)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def loss_plot(metrics_csv: Path, path: Path) -> bool:
@@ -139,7 +304,7 @@ def loss_plot(metrics_csv: Path, path: Path) -> bool:
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -171,16 +336,52 @@ def routing_plot(metrics_csv: Path, path: Path) -> bool:
     ax.set_ylabel("share of validation examples")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
 
+def json_safe(obj: Any, where: str = "metrics") -> Any:
+    """``obj`` with every non-finite float replaced by None (warned about, naming the key): NaN and
+    Infinity are not JSON, and ``json.dumps`` would write them as bare ``NaN``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("%s is %s; written as null", where, obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling renamed into place: never a partial or a temp file left."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_metrics_json(path: Path, metrics: dict) -> None:
+    """metrics.json: strict JSON (non-finite values become null; ``allow_nan=False`` makes sure), atomically."""
+    write_text_atomic(path, json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
+
+
 def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_dir: Path | None,
                  samples: int = 10) -> Path:
+    """Plots, report.md and metrics.json in ``out_dir``; metrics.json last, since its presence marks a
+    finished evaluation (spt experiment skips arms that have it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     md = [f"# Evaluation: {name}", "", f"{metrics['n']} examples.", "", metrics_table([(name, metrics)]), ""]
+    if "ppl_unscored" in metrics:
+        md += [f"PPL is over {metrics['n'] - metrics['ppl_unscored']} of the {metrics['n']} references: "
+               f"{metrics['ppl_unscored']} were not scored (no ref_nll: longer than data.max_length).", ""]
+    if "selection_out_of_range" in metrics:
+        md += [f"**{metrics['selection_out_of_range']} row(s) name a prompt outside the run's prompts; they are "
+               "left out of the selection histogram.**", ""]
     extra = {k: metrics[k] for k in ("f1_unnormalized", "bleu1", "bleu2", "bleu3", "bleu4", "bertscore_p",
                                      "bertscore_r", "avg_len") if k in metrics}
     md += ["More: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()), ""]
@@ -210,7 +411,7 @@ def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_
             md += ["| style | " + " | ".join(f"prompt {k}" for k in range(K)) + " |", "|---|" + "---:|" * K]
             md += [f"| {s} | " + " | ".join(map(str, c)) + " |" for s, c in metrics["selection_by_style"].items()]
             md += [""]
-        md += _per_prompt_examples(rows)
+        md += _per_prompt_examples([r for r in rows if _in_range(r, len(sel["histogram"]))])
     csv_path = run_dir / "metrics.csv" if run_dir is not None else None
     if csv_path is not None and csv_path.is_file() and loss_plot(csv_path, out_dir / "loss_curves.png"):
         md += ["## Training", "", "![loss curves](loss_curves.png)", ""]
@@ -219,12 +420,13 @@ def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_
                    "![routing](routing.png)", ""]
     md += ["## Samples", ""]
     for r in rows[:samples]:
-        md += [f"- **persona**: {' '.join(r.get('persona', []))}",
-               f"  - **context**: {' / '.join(r.get('context', [])[-3:])}",
+        md += [f"- **persona**: {' '.join(r.get('persona') or [])}",
+               f"  - **context**: {' / '.join((r.get('context') or [])[-3:])}",
                f"  - **reference**: {r['reference']}",
                f"  - **prediction**{_prompt_tag(r)}: {r['prediction'] or '(empty)'}"]
     path = out_dir / "report.md"
-    path.write_text("\n".join(md) + "\n")
+    write_text_atomic(path, "\n".join(md) + "\n")
+    write_metrics_json(out_dir / "metrics.json", metrics)
     return path
 
 
@@ -239,7 +441,7 @@ def _per_prompt_examples(rows: list[dict], per_prompt: int = 2) -> list[str]:
         by_prompt.setdefault(r["prompt"], []).append(r)
     for k in sorted(by_prompt):
         for r in by_prompt[k][:per_prompt]:
-            out.append(f"- prompt {k}: *{' '.join(r.get('persona', []))[:90]}* → {r['prediction'][:80]}")
+            out.append(f"- prompt {k}: *{' '.join(r.get('persona') or [])[:90]}* → {r['prediction'][:80]}")
     return [*out, ""]
 
 
@@ -289,5 +491,5 @@ def comparison_plot(named: list[tuple[str, dict]], path: Path) -> None:
     ax.set_xticklabels([t for _, t in cols], fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)

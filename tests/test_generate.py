@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import make_tiny_lm
@@ -64,3 +65,51 @@ def test_beam_and_sampling_options_run(tiny_tokenizer):
                                                                            top_p=0.9, top_k=20, temperature=0.7))
     assert len(beams) == len(sampled) == 3
     assert all(g.ref_nll is not None and g.ref_nll > 0 and g.ref_tokens > 1 for g in beams)
+
+
+def _with_long_reply(n: int = 4):
+    from spt.data import Example
+
+    ex = synth_examples(3, seed=6)[:n]
+    ex[1] = Example(ex[1].persona, ex[1].context, "and so it goes on " * 60)  # far over max_length=200
+    return ex
+
+
+def test_over_long_reference_is_not_scored_and_does_not_disturb_its_batch(tiny_tokenizer, caplog):
+    """SPT: one reference that cannot fit data.max_length in a batch of 4: that row ref_nll None and
+    ref_tokens 0 (warned, counted); every other row scored exactly as in a batch of its own."""
+    model, fmt = _setup(tiny_tokenizer, K=2)
+    ex = _with_long_reply()
+    with caplog.at_level("WARNING"):
+        batched = generate_spt(model, tiny_tokenizer, fmt, ex, GenerateConfig(max_new_tokens=3, batch_size=4))
+    assert "1 of 4 reference(s) not scored" in caplog.text
+    alone = generate_spt(model, tiny_tokenizer, fmt, ex, GenerateConfig(max_new_tokens=3, batch_size=1))
+    assert batched[1].ref_nll is None and batched[1].ref_tokens == 0 and batched[1].ref_nll_by_prompt is None
+    for i in (0, 2, 3):
+        assert batched[i].ref_tokens == alone[i].ref_tokens > 1
+        assert batched[i].ref_nll_by_prompt == pytest.approx(alone[i].ref_nll_by_prompt, rel=1e-4)
+        assert batched[i].ref_nll == batched[i].ref_nll_by_prompt[batched[i].prompt]
+
+
+def test_over_long_reference_without_a_prompt_bank(tiny_tokenizer, caplog):
+    """The same for methods without a bank (textual, finetune, lora): generate_text."""
+    from spt.generate import generate_text
+    from spt.methods import LMOnly
+
+    model = LMOnly(make_tiny_lm("gpt2", len(tiny_tokenizer))).eval()
+    fmt = DialogueFormatter(tiny_tokenizer, max_length=200)
+    ex = _with_long_reply()
+    with caplog.at_level("WARNING"):
+        batched = generate_text(model, tiny_tokenizer, fmt, ex, GenerateConfig(max_new_tokens=3, batch_size=4))
+    assert "1 of 4 reference(s) not scored" in caplog.text
+    alone = generate_text(model, tiny_tokenizer, fmt, ex, GenerateConfig(max_new_tokens=3, batch_size=1))
+    assert batched[1].ref_nll is None and batched[1].ref_tokens == 0
+    for i in (0, 2, 3):
+        assert batched[i].ref_tokens == alone[i].ref_tokens > 1
+        assert batched[i].ref_nll == pytest.approx(alone[i].ref_nll, rel=1e-4) and batched[i].ref_nll > 0
+
+
+def test_max_new_tokens_that_leaves_no_room_is_a_clear_error(tiny_tokenizer):
+    model, fmt = _setup(tiny_tokenizer, K=2)
+    with pytest.raises(ValueError, match=r"generate\.max_new_tokens=199 leaves no room"):
+        generate_spt(model, tiny_tokenizer, fmt, synth_examples(1, seed=1)[:1], GenerateConfig(max_new_tokens=199))
