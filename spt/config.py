@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,8 +216,22 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: dotted names, as overrides spell them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
+    for name, value in flatten(dataclasses.asdict(cfg)).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     positive = {
         "spt.K": cfg.spt.K, "spt.num_virtual_tokens": cfg.spt.num_virtual_tokens, "train.lr": cfg.train.lr,
         "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
@@ -252,6 +267,9 @@ def validate(cfg: Config) -> None:
                         "data.max_valid_examples": cfg.data.max_valid_examples}.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be > 0 or null, got {value}")
+    if cfg.generate.max_new_tokens >= cfg.data.max_length:
+        raise ConfigError(f"generate.max_new_tokens ({cfg.generate.max_new_tokens}) must be smaller than "
+                          f"data.max_length ({cfg.data.max_length}): the reply's input needs room too")
     if cfg.data.max_context_turns is not None and cfg.data.max_context_turns < 0:
         raise ConfigError(f"data.max_context_turns must be >= 0 or null, got {cfg.data.max_context_turns}")
     if cfg.spt.prompt_init == "text" and not cfg.spt.prompt_init_text.strip():

@@ -133,7 +133,8 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
             resume = arm_dir if (arm_dir / "checkpoint-last").is_dir() else None
             log.info("[%s] training (%s)%s", arm.name, cfg.method, " — resuming" if resume else "")
             start = time.time()
-            train(cfg, arm_dir, resume=resume, progress=progress)
+            # the experiment owns its arm folders: an arm that never reached a checkpoint starts afresh
+            train(cfg, arm_dir, resume=resume, progress=progress, overwrite=resume is None)
             t["train_s"] = time.time() - start
         if arm.compare:
             start = time.time()

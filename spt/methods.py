@@ -23,13 +23,14 @@ from torch.utils.data import DataLoader
 from .batching import EncodedDataset, collate
 from .checkpoint import (
     CONFIG,
-    TRAINER_STATE,
     atomic_dir,
+    check_base_model,
     check_shapes,
     checkpoint_config,
     read_trainable,
     resolve_checkpoint,
     save_trainable,
+    write_trainer_state,
 )
 from .config import Config, GenerateConfig
 from .format import IGNORE_INDEX, DialogueFormatter, render_text
@@ -46,8 +47,35 @@ def disable_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
+def max_positions(lm) -> int | None:
+    """How many positions the LM can attend over, from its config (None when it does not say)."""
+    c = lm.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(c, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(cfg: Config, lm) -> None:
+    """data.max_length plus the soft prompt must fit the LM's positions: fail at load, naming what to set,
+    rather than with an IndexError mid-training."""
+    limit = max_positions(lm)
+    prompt = cfg.spt.num_virtual_tokens if cfg.method in ("spt", "pt") else 0
+    if limit is not None and cfg.data.max_length + prompt > limit:
+        extra = f" plus the {prompt} virtual tokens of spt.num_virtual_tokens" if prompt else ""
+        raise ValueError(f"data.max_length={cfg.data.max_length}{extra} exceeds the {limit} positions of "
+                         f"{cfg.model.name_or_path!r}: set --data.max_length={limit - prompt} or less")
+
+
 def build_lm(cfg: Config, weights: str | None = None):
     """(LM, tokenizer) for ``cfg.model``; ``weights`` overrides where the LM (and tokenizer) load from."""
+    lm, tokenizer = _build_lm(cfg, weights)
+    check_lengths(cfg, lm)
+    return lm, tokenizer
+
+
+def _build_lm(cfg: Config, weights: str | None = None):
     if cfg.model.init == "scratch" and weights is None:
         return _scratch_lm(cfg)
     source = weights or cfg.model.name_or_path
@@ -283,7 +311,7 @@ class LMMethod(Method):
                 self.tokenizer.save_pretrained(tmp)
             cfg.save(tmp / CONFIG)
             if trainer_state is not None:
-                torch.save(trainer_state, tmp / TRAINER_STATE)
+                write_trainer_state(tmp, trainer_state)
 
         atomic_dir(folder, write)
 
@@ -313,13 +341,16 @@ METHODS = {"spt": SPTMethod, "pt": SPTMethod, "textual": LMMethod, "finetune": L
 
 def build_method(cfg: Config, checkpoint: Path | None = None) -> Method:
     """The method of ``cfg``, fresh or with the trained state of ``checkpoint``."""
+    check_base_model(cfg, checkpoint)  # a moved base model: one clear line, not the hub's repo-id error
     return METHODS[cfg.method](cfg, checkpoint)
 
 
-def load_method(path: str | Path, device: str | None = None) -> Method:
-    """Rebuild a trained method (base model + trained state) from a checkpoint or run folder."""
+def load_method(path: str | Path, device: str | None = None, overrides: dict | None = None) -> Method:
+    """Rebuild a trained method (base model + trained state) from a checkpoint or run folder.
+
+    ``overrides``: dotted config fields applied to the saved config, e.g. {"model.name_or_path": NEW_PATH}."""
     folder = resolve_checkpoint(path)
-    method = build_method(checkpoint_config(folder), folder)
+    method = build_method(checkpoint_config(folder, overrides), folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     method.model.to(device).eval()
     return method

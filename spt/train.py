@@ -10,8 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,8 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batching import EncodedDataset, LengthGroupedBatches, PersonaSimilarity, collate
-from .checkpoint import TRAINER_STATE, resolve_checkpoint
-from .config import Config
+from .checkpoint import checkpoint_config, has_trainer_state, read_trainer_state, resolve_checkpoint
+from .config import Config, flatten
 from .data import read_examples
 from .format import DialogueFormatter
 from .logger import MetricLogger
@@ -80,6 +86,159 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
             {"params": retriever, "lr": cfg.spt.retriever_lr}]
 
 
+# Files a training run writes into its folder (``--overwrite`` removes exactly these).
+RUN_FILES = ("checkpoint-last", "checkpoint-best", "metrics.csv", "tb", "train_summary.json", "config.yaml",
+             "predictions.jsonl", "eval")
+# Fields that may change when a run is resumed; they are applied (and recorded in config.yaml). Any other
+# change (model, data, batch size, seed, prompt bank...) would make the resumed run a different run.
+RESUMABLE = {"model.name_or_path", "model.tokenizer", "data.valid", "data.test", "data.max_valid_examples",
+             "train.lr", "train.weight_decay", "train.epochs", "train.max_steps", "train.warmup_steps",
+             "train.scheduler", "train.max_grad_norm", "train.eval_every", "train.log_every",
+             "train.max_bad_steps", "train.eval_batch_size", "train.mixed_precision", "spt.retriever_lr",
+             "spt.lambda_llm", "spt.lambda_sel", "spt.lambda_fus", "spt.lambda_ctr", "spt.lambda_bal",
+             "spt.tau_gold", "spt.tau_sim", "spt.sel_noise_sigma", "spt.selection_noise", "spt.ctr_bleu_threshold"}
+RESUMABLE_SECTIONS = ("generate.", "eval.")
+
+
+def check_resume_changes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
+    """The fields ``cfg`` changes from the checkpoint's config; raise if any of them cannot change on resume."""
+    old, new = flatten(saved.to_dict()), flatten(cfg.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    fixed = [k for k in changed if k not in RESUMABLE and not k.startswith(RESUMABLE_SECTIONS)]
+    if "spt.retriever_lr" in changed and (old.get("spt.retriever_lr") is None) != (new.get("spt.retriever_lr") is None):
+        fixed.append("spt.retriever_lr (between null and a value: it changes the optimizer's parameter groups)")
+    if fixed:
+        shown = ", ".join(k if " " in k else f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed)
+        raise ValueError(f"cannot change on resume from {ckpt}: {shown}; start a new run (another --output-dir) "
+                         f"to change them")
+    if changed:
+        log.info("resuming with changed %s", ", ".join(f"{k}={new.get(k)!r}" for k in changed))
+    return changed
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: Config, groups: list[dict]) -> None:
+    """After loading a resumed optimizer and scheduler: use this config's lr and weight decay (the loaded
+    state holds the old ones), with the schedule's factor at the current step. Unchanged settings give
+    exactly the values the loaded state had."""
+    sched = getattr(scheduler, "scheduler", scheduler)
+    lrs = [g.get("lr", cfg.train.lr) for g in groups]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["initial_lr"] = lr
+        group["weight_decay"] = cfg.train.weight_decay
+    sched.base_lrs = lrs
+    lambdas = getattr(sched, "lr_lambdas", None)
+    if lambdas:
+        for group, base, factor in zip(optimizer.param_groups, lrs, lambdas, strict=True):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_run_dir(output_dir: Path) -> None:
+    """Undo what a crash while writing a checkpoint left in ``output_dir``: half-written ``.NAME.tmp-PID``
+    folders are removed; a ``.NAME.old-PID`` whose new version never arrived is put back as ``NAME``."""
+    if not output_dir.is_dir():
+        return
+    for path in sorted(output_dir.glob(".*.tmp-*")) + sorted(output_dir.glob(".*.old-*")):
+        name, _, pid = path.name[1:].rpartition("-")
+        name = name.rsplit(".", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue  # another live process's write (or not ours at all)
+        target = output_dir / name
+        if ".old-" in path.name and not target.exists():
+            path.rename(target)
+            log.warning("restored %s from an interrupted checkpoint write", target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by an interrupted checkpoint write", path)
+
+
+def prepare_run_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Before anything is loaded: the run folder must be a writable folder, and a folder that already holds
+    a run is continued only with ``--resume`` and replaced only with ``--overwrite``."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output folder {output_dir} is a file, not a folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = output_dir / f".spt-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"\0" * 65536)
+    except OSError as e:
+        raise ValueError(f"output folder {output_dir} is not writable: {e.strerror or e}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    recover_run_dir(output_dir)
+    existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if resuming or not existing:
+        return
+    if not overwrite:
+        raise ValueError(f"{output_dir} already holds a run ({', '.join(existing)}): continue it with "
+                         f"`spt train --resume {output_dir}`, or pass --overwrite to replace it")
+    for name in existing:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    log.warning("--overwrite: removed %s from %s", ", ".join(existing), output_dir)
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint's step (they will be logged again)."""
+    import csv
+
+    path = output_dir / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [r for r in rows[1:] if not (r and r[0].isdigit() and int(r[0]) > step)]
+    if len(keep) == len(rows) - 1:
+        return
+    tmp = path.with_name(f".metrics.csv.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(rows[:1] + keep)
+    tmp.replace(path)
+    log.info("metrics.csv: dropped %d row(s) logged after step %d", len(rows) - 1 - len(keep), step)
+
+
+class StopRequest:
+    """Set by the first Ctrl-C: training stops at the next step boundary and saves checkpoint-last there."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[StopRequest]:
+    """The first SIGINT only asks the loop to stop after the step in progress (so the saved state is
+    exactly an uninterrupted run's at that step); a second one interrupts at once, saving nothing."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame) -> None:
+        if stop.requested:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        stop.requested = True
+        log.warning("interrupt: stopping after the current step and saving checkpoint-last "
+                    "(interrupt again to stop at once without saving)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -98,20 +257,40 @@ def load_split(cfg: Config, split: str, formatter: DialogueFormatter, limit: int
 
 
 def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``cfg.method`` and write checkpoints under ``output_dir``; resume from a run folder."""
+          progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train ``cfg.method`` and write checkpoints under ``output_dir``; resume from a run folder.
+
+    A folder that already holds a run is refused unless ``resume`` continues it or ``overwrite`` replaces it.
+    On resume, ``cfg`` may change only the ``RESUMABLE`` fields of the checkpoint's config. A run that fails
+    before writing anything (bad model, data or lengths) leaves no folder behind.
+    """
+    output_dir = Path(output_dir)
+    created = not output_dir.exists()
+    try:
+        return _train(cfg, output_dir, resume, progress, overwrite)
+    except BaseException:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+
+
+def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: bool,
+           overwrite: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from transformers import get_scheduler
 
     start = time.time()
-    output_dir = Path(output_dir)
     state, ckpt = None, None
     if resume is not None:
+        recover_run_dir(Path(resume))
         ckpt = resolve_checkpoint(resume, prefer="checkpoint-last")
-        if not (ckpt / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"{ckpt} has no {TRAINER_STATE}; only checkpoint-last can be resumed")
-        state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+        if not has_trainer_state(ckpt):
+            raise FileNotFoundError(f"{ckpt} has no trainer state; only checkpoint-last can be resumed")
+        check_resume_changes(checkpoint_config(ckpt), cfg, ckpt)
+        state = read_trainer_state(ckpt)
+    same_run = ckpt is not None and output_dir.resolve() == ckpt.parent.resolve()
+    prepare_run_dir(output_dir, resuming=same_run, overwrite=overwrite)
     if not cfg.data.train:
         raise ValueError("data.train is not set: pass --data.train=FILE or a config that names it")
     seed_everything(cfg.train.seed)
@@ -135,8 +314,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     similarity = PersonaSimilarity(train_ds.personas) if method.needs_persona_similarity else None
 
     params = [p for p in method.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(method.model, cfg), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    groups = param_groups(method.model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, cfg.train.warmup_steps, total_steps)
@@ -146,14 +325,16 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(optimizer, scheduler, cfg, groups)
         step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
         history = state.get("history", [])
         method.load_training_state(state.get("method", {}))
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, batch_in_epoch)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(output_dir / "config.yaml")
+    cfg.save(output_dir / "config.yaml")  # what runs, including the fields a resume changed
+    if state is not None and accelerator.is_main_process:
+        truncate_metrics(output_dir, step)
     metrics = MetricLogger(output_dir) if accelerator.is_main_process else None
 
     def save(name: str, with_state: bool) -> None:
@@ -185,65 +366,83 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or not accelerator.is_main_process,
                dynamic_ncols=True)
     eval_every = cfg.train.eval_every or steps_per_epoch
-    try:
-        if state is None:
-            validate()  # step 0: the untrained prompts' loss, the baseline every later value compares to
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
-            for batch in batches:
-                batch_in_epoch += 1
-                sim = similarity.matrix(batch["persona_ids"]) if similarity is not None else None
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():  # the forward only; backward runs outside autocast
-                        out = model(**method.model_inputs(batch, accelerator.device), persona_sim=sim)
-                    finite = bool(torch.isfinite(out["loss"]).item())
-                    if finite:
-                        bad_in_a_row = 0
-                        accelerator.backward(out["loss"])
-                        if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                    optimizer.zero_grad()
-                if not finite:
-                    bad_in_a_row += 1
-                    log.warning("non-finite loss at step %d (%d in a row); step skipped", step, bad_in_a_row)
-                    if metrics:
-                        metrics.log(step, "train", {"skipped_nonfinite": 1.0})
-                    if bad_in_a_row >= cfg.train.max_bad_steps:
-                        raise TooManyBadSteps(f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps); "
-                                              f"last good checkpoint: {output_dir / 'checkpoint-last'}")
-                    continue
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                bar.update(1)
-                comps = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
-                comps["lr"] = scheduler.get_last_lr()[0]
-                bar.set_postfix({k: f"{v:.3g}" for k, v in comps.items()}, refresh=False)
-                if metrics and (step % cfg.train.log_every == 0 or step == 1):
-                    metrics.log(step, "train", comps)
-                if step % eval_every == 0 or step == total_steps:
-                    validate()
-                    save("checkpoint-last", with_state=True)
-                if step >= total_steps:
-                    break
-            else:
-                epoch, batch_in_epoch = epoch + 1, 0
-    except KeyboardInterrupt:
-        save("checkpoint-last", with_state=True)  # atomic: the previous checkpoint survives a second Ctrl-C
-        log.warning("interrupted at step %d; resume with: spt train --resume %s", step, output_dir)
-        raise
-    finally:
-        bar.close()
-        if metrics:
-            metrics.close()
+
+    def stop_if_asked() -> None:
+        if stop.requested:  # at a step boundary: the saved state is exactly an uninterrupted run's
+            save("checkpoint-last", with_state=True)
+            log.warning("stopped at step %d; resume with: spt train --resume %s", step, output_dir)
+            raise KeyboardInterrupt
+
+    with deferred_interrupt() as stop:
+        try:
+            if state is None:
+                validate()  # step 0: the untrained prompts' loss, the baseline every later value compares to
+            while step < total_steps:
+                sampler.set_epoch(epoch)
+                batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+                for batch in batches:
+                    batch_in_epoch += 1
+                    sim = similarity.matrix(batch["persona_ids"]) if similarity is not None else None
+                    with accelerator.accumulate(model):
+                        with accelerator.autocast():  # the forward only; backward runs outside autocast
+                            out = model(**method.model_inputs(batch, accelerator.device), persona_sim=sim)
+                        finite = bool(torch.isfinite(out["loss"]).item())
+                        if finite:
+                            bad_in_a_row = 0
+                            accelerator.backward(out["loss"])
+                            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                            optimizer.step()
+                            scheduler.step()
+                        optimizer.zero_grad()
+                    if not finite:
+                        bad_in_a_row += 1
+                        log.warning("non-finite loss at step %d (%d in a row); step skipped", step, bad_in_a_row)
+                        if metrics:
+                            metrics.log(step, "train", {"skipped_nonfinite": 1.0})
+                        if bad_in_a_row >= cfg.train.max_bad_steps:
+                            raise TooManyBadSteps(f"{bad_in_a_row} non-finite losses in a row "
+                                                  f"(train.max_bad_steps); {last_checkpoint(output_dir)}")
+                        if cfg.train.grad_accum == 1:
+                            stop_if_asked()
+                        continue
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    bar.update(1)
+                    comps = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
+                    comps["lr"] = scheduler.get_last_lr()[0]
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in comps.items()}, refresh=False)
+                    if metrics and (step % cfg.train.log_every == 0 or step == 1):
+                        metrics.log(step, "train", comps)
+                    if step % eval_every == 0 or step == total_steps:
+                        validate()
+                        save("checkpoint-last", with_state=True)
+                    if step >= total_steps:
+                        break
+                    stop_if_asked()
+                else:
+                    epoch, batch_in_epoch = epoch + 1, 0
+        except KeyboardInterrupt:
+            if not stop.requested:
+                log.warning("interrupted at step %d without saving; %s", step, last_checkpoint(output_dir))
+            raise
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
     result = TrainResult(output_dir, step, best, history, time.time() - start)
     if accelerator.is_main_process:
         summary = {"step": step, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def last_checkpoint(output_dir: Path) -> str:
+    """Where a stopped run can resume from, in words."""
+    if has_trainer_state(output_dir / "checkpoint-last"):
+        return f"last good checkpoint: {output_dir / 'checkpoint-last'}"
+    return "no checkpoint was saved yet (nothing to resume; start again)"
 
 
 def _no_training(method, cfg: Config, output_dir: Path, accelerator, start: float) -> TrainResult:

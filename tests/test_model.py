@@ -164,7 +164,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_tokenizer, tm
     make_tiny_lm("gpt2", len(tiny_tokenizer)).save_pretrained(path)
     grads = []
     for ckpt in ("false", "true"):
-        args = [f"--model.name_or_path={path}", "--spt.K=2", "--spt.num_virtual_tokens=2",
+        args = [f"--model.name_or_path={path}", "--spt.K=2", "--spt.num_virtual_tokens=2", "--data.max_length=256",
                 f"--model.gradient_checkpointing={ckpt}"]
         cfg = load_config(None, parse_overrides(args))
         method = SPTMethod(cfg)

@@ -24,7 +24,8 @@ def test_train_then_resume(tiny_lm_dir, synth_dir, tmp_path):
     assert main(_args(tiny_lm_dir, synth_dir, out)) == 0
     for name in ("checkpoint-last", "checkpoint-best"):
         assert (out / name / "model.safetensors").is_file() and (out / name / "config.yaml").is_file()
-    assert (out / "checkpoint-last" / "trainer_state.pt").is_file()
+    assert (out / "checkpoint-last" / "trainer_state.json").is_file()
+    assert (out / "checkpoint-last" / "trainer_state.safetensors").is_file()
     tensors = load_file(out / "checkpoint-last" / "model.safetensors")
     assert tensors["prompts"].shape == (2, 2, 32)  # K x n x d
     assert tensors["retriever.normalizer.weight"].shape == (32, 32)
@@ -92,7 +93,8 @@ def test_checkpoint_shape_mismatch_is_explained(tiny_lm_dir, synth_dir, tmp_path
 
 def test_missing_model_and_data_errors(synth_dir, tmp_path, capsys):
     assert main(_args(tmp_path / "no-such-model", synth_dir, tmp_path / "r")) == 2
-    assert "could not load a tokenizer from" in capsys.readouterr().err
+    assert "no-such-model': no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a run that fails at load leaves no folder behind
     assert main(["train", "--config", TINY, "--output-dir", str(tmp_path / "r2"), "--spt.K=-1"]) == 2
     assert "spt.K must be > 0" in capsys.readouterr().err
 
