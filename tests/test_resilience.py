@@ -257,7 +257,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
                                 env=env)
 
 
-KILL_STEPS = ["--train.max_steps=12", "--train.eval_every=3", "--train.log_every=3"]
+KILL_STEPS = ["--train.max_steps=30", "--train.eval_every=5", "--train.log_every=5"]
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def straight_run(tiny_lm_dir, synth_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig,trial", [(signal.SIGINT, 0), (signal.SIGKILL, 0), (signal.SIGINT, 1),
-                                       (signal.SIGKILL, 1)])
+                                       (signal.SIGKILL, 1)], ids=["sigint-0", "sigkill-0", "sigint-1", "sigkill-1"])
 def test_killed_training_resumes_to_the_uninterrupted_result(tiny_lm_dir, synth_dir, tmp_path, straight_run, sig,
                                                              trial):
     rng = random.Random(f"{sig}-{trial}")
@@ -277,17 +277,61 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tiny_lm_dir, synth_
     deadline = time.time() + 120
     while not (out / "checkpoint-best").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # training has started (step-0 validation saved checkpoint-best)
-    time.sleep(rng.uniform(0.0, 1.5))
-    killed = proc.poll() is None
+    time.sleep(rng.uniform(0.1, 2.0))  # the run trains for several seconds: the signal lands mid-run
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
-    if killed and sig == signal.SIGINT:
-        assert rc == 130, log.read_text()[-2000:]
-        assert "stopped at step" in log.read_text()
-    assert _no_temps(out) == [] or sig == signal.SIGKILL
+    assert not (out / "train_summary.json").is_file(), "the signal came after the run had finished"
+    if sig == signal.SIGINT:
+        assert rc == 130 and "stopped at step" in log.read_text(), log.read_text()[-2000:]
+        assert _no_temps(out) == []
     resume = (["train", "--resume", str(out), "--no-progress"] if (out / "checkpoint-last").is_dir()
               else [*_args(tiny_lm_dir, synth_dir, out, *KILL_STEPS), "--overwrite"])
-    assert subprocess.run([sys.executable, "-m", "spt.cli", *resume], capture_output=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == 0
+    assert main(resume) == 0
     assert _no_temps(out) == []
     assert _assert_bitwise_equal(straight_run, _weights(out)) == 0.0
+
+
+# --- hostile configs and training data: one line, nothing executed, nothing left ------------------------
+
+HOSTILE_CONFIGS = {
+    "binary": b"\x00\xff\xfe\x89PNG\r\n\x1a\n" * 20,
+    "python-tag": b'train: !!python/object/apply:os.system ["touch MARKER"]\n',
+    "top-level-list": b"- method\n- spt\n",
+    "unknown-key": b"train:\n  learning_rate: 0.1\n",
+    "wrong-type": b"train:\n  lr: fast\n",
+    "nan-lr": b"train:\n  lr: .nan\n",
+    "bad-choice": b"method: magic\n",
+    "unclosed": b"train: {lr: 0.1\n",
+    "huge-number": b"train:\n  max_steps: " + b"9" * 5000 + b"\n",
+}
+HOSTILE_TRAIN_DATA = {
+    "empty": b"",
+    "binary": bytes(range(256)) * 8,
+    "utf16": '{"persona": ["a."], "context": [], "response": "b"}\n'.encode("utf-16"),
+    "all-wrong-shapes": b'42\n[1, 2]\n"text"\nnull\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_CONFIGS))
+def test_hostile_config_files(name, tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "c.yaml"
+    path.write_bytes(HOSTILE_CONFIGS[name].replace(b"MARKER", str(marker).encode()))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--output-dir", str(out), "--no-progress"]) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert "c.yaml" in err
+    assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TRAIN_DATA))
+def test_hostile_training_data(name, tiny_lm_dir, synth_dir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(HOSTILE_TRAIN_DATA[name])
+    out = tmp_path / "run"
+    args = _args(tiny_lm_dir, synth_dir, out)
+    args[args.index(f"--data.train={synth_dir / 'train.jsonl'}")] = f"--data.train={data}"
+    assert main(args) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert "train.jsonl" in err
+    assert not out.exists()  # nothing half-made
