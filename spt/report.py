@@ -12,6 +12,7 @@ from typing import Any
 from . import metrics as M
 from .config import EvalConfig
 from .data import DataError
+from .data.readers import parse_json_line
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,7 @@ def read_predictions(path: str | Path) -> list[dict]:
             line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, i, f"invalid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise DataError(path, i, "invalid JSON: nested too deeply") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise DataError(path, i, f"invalid JSON: {str(e).split(';')[0][:120]}") from None
-        rows.append(_check_row(path, i, row))
+        rows.append(_check_row(path, i, parse_json_line(path, i, line)))
     if not rows:
         raise DataError(path, None, "no predictions (the file is empty)")
     return rows

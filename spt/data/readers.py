@@ -34,7 +34,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .example import DataError, Example, ReadReport
 
@@ -409,19 +409,24 @@ def _opt_str(path: Path, lineno: int, obj: dict, key: str) -> str | None:
     return None if value is None else _check_text(path, lineno, f"field {key!r}", value)
 
 
-def _jsonl_example(path: Path, lineno: int, line: str) -> Example:
-    """One JSONL record. JSON ``null`` in an optional field means the field is absent. A record without
-    a ``dialogue_id`` (absent, null or "") is a dialogue of its own (id ``FILE:LINE``), so records
-    missing their id never merge into one dialogue. ``dialogue_id`` may be a string or an integer;
-    ``turn`` a non-negative integer (or a string of digits)."""
+def parse_json_line(path: Path, lineno: int, line: str) -> Any:
+    """One line of a JSONL file, or a DataError naming file:line (bad JSON, too deep, huge integers)."""
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
         raise DataError(path, lineno, "invalid JSON: nested too deeply") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise DataError(path, lineno, f"invalid JSON: {e}") from None
+        raise DataError(path, lineno, f"invalid JSON: {str(e).split(';')[0][:120]}") from None
+
+
+def _jsonl_example(path: Path, lineno: int, line: str) -> Example:
+    """One JSONL record. JSON ``null`` in an optional field means the field is absent. A record without
+    a ``dialogue_id`` (absent, null or "") is a dialogue of its own (id ``FILE:LINE``), so records
+    missing their id never merge into one dialogue. ``dialogue_id`` may be a string or an integer;
+    ``turn`` a non-negative integer (or a string of digits)."""
+    obj = parse_json_line(path, lineno, line)
     if not isinstance(obj, dict):
         raise DataError(path, lineno, f"expected a JSON object, found {type(obj).__name__}")
     persona = _str_list(path, lineno, obj, "persona", True)
