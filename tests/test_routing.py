@@ -252,7 +252,7 @@ def test_selection_loss_replays_recent_batches():
     p = model.pairs(ids[:2], mask[:2], labels[:2], qm[:2])
     route = losses.routing_probs(p.S, model.cfg.tau_sim)
     L_sum = losses.per_example_sum(p.nll, p.token_example, 2)
-    q_new = losses.selection_target(L_sum, model.cfg.tau_gold, route, balanced=True)
+    q_new = losses.selection_target(L_sum, model.cfg.tau_gold, route, balanced=model.cfg.balance_target)
     S_all = torch.cat([model.retriever.score_features(model.prompts, feats), p.S], 1)
     expected = losses.selection_loss(None, S_all, tau_sim=model.cfg.tau_sim, q=torch.cat([q_old, q_new], 1))
     assert second["sel"].item() == pytest.approx(expected.item(), rel=1e-5)
