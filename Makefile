@@ -10,7 +10,7 @@ $(BIN)/spt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev,bertscore,meteor]"
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev,bertscore,meteor,serve]"
 	touch $@
 
 install: $(BIN)/spt

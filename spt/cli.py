@@ -268,6 +268,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- chat and serve -------------------------------------------------------------------------------
+
+def _load_responder(args: argparse.Namespace, sections: tuple[str, ...]):
+    """spt.load(RUN) with the dotted overrides allowed here (``sections`` and the model's location)."""
+    from .api import load
+    from .config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    unknown = [k for k in overrides if not k.startswith(sections) and k not in GENERATE_MODEL_OVERRIDES]
+    if unknown:
+        allowed = ", ".join(f"--{s}*" for s in sections)
+        raise ValueError(f"only {allowed} and --{', --'.join(GENERATE_MODEL_OVERRIDES)} overrides apply here, "
+                         f"got --{', --'.join(unknown)}")
+    return load(args.run, overrides=overrides)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a trained run (any method's run or checkpoint folder) in the terminal.
+
+    The persona: --persona "i like cats." (repeat it for more sentences), --persona-file F (one sentence a
+    line), or --random-persona DATA (the persona of a random example of a data file; --seed). Each reply shows
+    the selected prompt and the K retriever scores, e.g. [prompt 2 | 0.01 0.03 0.91 0.05] (spt, pt).
+    The history is formatted and truncated exactly as in training (data.max_context_turns, data.max_length).
+
+    Commands: /persona (show), /persona A. | B. (set; resets the history), /reset, /retry (a new, sampled
+    reply to the last message), /save FILE (spt JSONL, one example per reply), /help, /exit; Ctrl-D, Ctrl-C.
+    Generation options are dotted overrides, e.g. --generate.num_beams=10 --generate.no_repeat_ngram_size=4.
+    With piped stdin it reads one message or command a line and prints plain lines (no prompt, no colour):
+      printf 'hi !\n/save chat.jsonl\n' | spt chat runs/x --persona "i like cats."
+    """
+    from .chat import chat, random_persona, read_persona_file
+
+    persona = list(args.persona or [])
+    if args.persona_file:
+        persona += read_persona_file(args.persona_file)
+    if args.random_persona:
+        if persona:
+            raise ValueError("--random-persona cannot be combined with --persona or --persona-file")
+        persona = random_persona(args.random_persona, args.seed)
+    if not any(p.strip() for p in persona):
+        raise ValueError("no persona: give --persona, --persona-file or --random-persona")
+    responder = _load_responder(args, ("generate.",))
+    interactive = sys.stdin.isatty()
+    chat(responder, persona, sys.stdin, sys.stdout, interactive, color=interactive and sys.stdout.isatty())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a trained run over HTTP: an OpenAI-compatible POST /v1/chat/completions, with dynamic batching.
+
+    Concurrent requests with the same generation settings are collected for serve.batch_window_ms and run
+    as ONE generate call (up to serve.max_batch rows), each row with its own selected soft prompt. Also
+    GET /health (counters), GET /v1/models and the OpenAPI docs at /docs. Limits are --serve.* overrides
+    (max_new_tokens, max_input_tokens, reject_long_inputs, max_batch, batch_window_ms, request_timeout_s,
+    max_queue, max_body_bytes, max_n); default decoding is --generate.* (greedy unless a request samples).
+      spt serve runs/x --port 8000 --serve.max_batch=32 --generate.no_repeat_ngram_size=4
+    Needs the serve extra: pip install -e ".[serve]".
+    """
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ValueError(f"spt serve needs the serve extra (pip install -e \".[serve]\"): {e}") from None
+
+    responder = _load_responder(args, ("generate.", "serve."))
+    serve(responder, args.host, args.port, args.name or Path(args.run).resolve().name)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 def _add(sub, name: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -345,6 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (seconds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+
+    p = _add(sub, "chat", cmd_chat)
+    p.add_argument("run", help="run or checkpoint folder (any method)")
+    p.add_argument("--persona", action="append", default=None, metavar="SENTENCE",
+                   help="a persona sentence (repeat for more)")
+    p.add_argument("--persona-file", default=None, help="persona sentences, one per line")
+    p.add_argument("--random-persona", default=None, metavar="DATA", help="a random example's persona from DATA")
+    p.add_argument("--seed", type=int, default=0, help="which random persona (with --random-persona)")
+    p.set_defaults(takes_overrides=True)
+
+    p = _add(sub, "serve", cmd_serve)
+    p.add_argument("run", help="run or checkpoint folder (any method)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model name clients use (default: the run folder's name)")
+    p.set_defaults(takes_overrides=True)
 
     p = _add(sub, "compare", cmd_compare)
     p.add_argument("runs", nargs="+", help="evaluated run folders (or metrics.json files); the first is the base")

@@ -97,7 +97,7 @@ RESUMABLE = {"model.name_or_path", "model.tokenizer", "data.valid", "data.test",
              "train.max_bad_steps", "train.eval_batch_size", "train.mixed_precision", "spt.retriever_lr",
              "spt.lambda_llm", "spt.lambda_sel", "spt.lambda_fus", "spt.lambda_ctr", "spt.lambda_bal",
              "spt.tau_gold", "spt.tau_sim", "spt.sel_noise_sigma", "spt.selection_noise", "spt.ctr_bleu_threshold"}
-RESUMABLE_SECTIONS = ("generate.", "eval.")
+RESUMABLE_SECTIONS = ("generate.", "eval.", "serve.")
 
 
 def check_resume_changes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
