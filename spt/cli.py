@@ -229,12 +229,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     """Run a study: each arm of the experiment file is trained, generated and evaluated, then compared.
 
-    Finished arms (with eval/metrics.json) are skipped, so an interrupted study continues where it stopped.
+    Finished arms (with eval/metrics.json) are skipped, so an interrupted study continues where it stopped,
+    but only while their settings and data are unchanged: otherwise the run stops before anything starts
+    and names the arms and fields (--rerun-stale reruns them). Every arm is validated before any runs.
+    Dotted overrides apply to every arm:  spt experiment --config x.yaml --train.max_steps=5
     """
+    from .config import parse_overrides
     from .experiment import load_experiment, run_experiment
 
-    exp = load_experiment(args.config, args.output_dir)
-    table = run_experiment(exp, Path(args.config).parent, progress=not args.no_progress)
+    exp = load_experiment(args.config, args.output_dir, parse_overrides(args.overrides))
+    table = run_experiment(exp, Path(args.config).parent, progress=not args.no_progress,
+                           rerun_stale=args.rerun_stale)
     print(table)
     print(f"comparison: {exp.output_dir / 'comparison.md'}")
     return 0
@@ -406,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "experiment", cmd_experiment)
     p.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
     p.add_argument("--output-dir", default=None, help="overrides the file's output_dir")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="rerun finished arms whose settings or data changed (instead of refusing)")
     p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(takes_overrides=True)
 
     p = _add(sub, "demo", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="folder for data, runs and the report")

@@ -16,14 +16,20 @@ An experiment file:
       - {name: base-lm, overrides: {...}, compare: false}
       - {name: spt-on-base, base_model_from: base-lm}   # model.name_or_path = that arm's best checkpoint
 
-Each arm gets a folder under ``output_dir``; an arm with ``eval/metrics.json`` is finished and
-skipped; an arm interrupted mid-training resumes from its last checkpoint.
+Each arm gets a folder under ``output_dir``; an arm interrupted mid-training resumes from its last
+checkpoint. A finished arm (``eval/metrics.json``) is skipped only while what produced it is unchanged:
+``arm.json`` records its resolved training config with the hashes of its data files (and of the arm its
+base model came from), and its generation settings. When they differ the experiment stops before running
+anything and names the arms and fields; ``rerun_stale`` retrains (or only regenerates) those arms.
+Dotted overrides given to ``spt experiment`` apply to every arm, after the file's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, flatten, load_config
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,9 @@ def _resolve(path: str, rel_to: Path) -> Path:
     return p if p.is_absolute() or p.exists() else rel_to / p
 
 
-def load_experiment(path: str | Path, output_dir: str | None = None) -> Experiment:
+def load_experiment(path: str | Path, output_dir: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read an experiment file; ``overrides`` (dotted) apply to every arm, after the file's own."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} not found")
@@ -85,11 +93,51 @@ def load_experiment(path: str | Path, output_dir: str | None = None) -> Experime
         if a.base_model_from is not None and a.base_model_from not in names[: names.index(a.name)]:
             raise ConfigError(f"{path}: arm {a.name}: base_model_from {a.base_model_from!r} must name an earlier arm")
     here = path.parent
+    if overrides:
+        for a in arms:  # the command line has the last word, in every arm
+            a.overrides = {**a.overrides, **overrides}
     return Experiment(
         name=raw.get("name", path.stem), output_dir=Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"),
         config=_resolve(raw["config"], here) if raw.get("config") else None, overrides=raw.get("overrides") or {},
         arms=arms, split=raw.get("split"), generate=raw.get("generate") or {},
     )
+
+
+ARM_RECORD = "arm.json"
+_NOT_TRAINING = ("generate.", "eval.", "serve.")
+
+
+def _file_hash(path: str | None, cache: dict[str, str]) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    if path not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        cache[path] = h.hexdigest()[:16]
+    return cache[path]
+
+
+def _train_record(cfg: Config, base_record: dict | None, cache: dict[str, str]) -> dict[str, Any]:
+    """What an arm's training depends on: its resolved config (not generation), data contents, base arm."""
+    record = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith(_NOT_TRAINING)}
+    for split in ("train", "valid"):
+        record[f"hash(data.{split})"] = _file_hash(getattr(cfg.data, split), cache)
+    if base_record is not None:  # its base model is another arm's checkpoint: retrained, it is another model
+        record["model.name_or_path"] = "(base arm) " + hashlib.sha256(
+            json.dumps(base_record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return record
+
+
+def _generate_record(cfg: Config, gen_data: str | None, limit: int | None, cache: dict[str, str]) -> dict[str, Any]:
+    data = gen_data or cfg.data.test or cfg.data.valid
+    return {**{k: v for k, v in flatten(cfg.to_dict()).items() if k.startswith("generate.")},
+            "data": data, "hash(data)": _file_hash(data, cache), "limit": limit}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def _prepare_split(exp: Experiment, here: Path) -> dict[str, str]:
@@ -107,11 +155,15 @@ def _prepare_split(exp: Experiment, here: Path) -> dict[str, str]:
     return {f"data.{name}": str(f) for name, f in files.items() if name in ("train", "valid", "test")}
 
 
-def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = True) -> str:
-    """Run every unfinished arm; return the comparison table (also written to output_dir/comparison.md)."""
+def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = True,
+                   rerun_stale: bool = False) -> str:
+    """Run every unfinished arm; return the comparison table (also written to output_dir/comparison.md).
+
+    Every arm's config is built (and so validated) before any arm runs. Finished arms whose recorded
+    settings differ from the file's are refused by name, or rerun with ``rerun_stale``."""
     from .pipeline import evaluate_file, generate_file
     from .report import compare, comparison_plot, load_run_metrics
-    from .train import train
+    from .train import RUN_FILES, train
 
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     data_overrides = _prepare_split(exp, here) if exp.split else {}
@@ -119,15 +171,57 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
     timings: dict[str, dict[str, float]] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     gen = dict(exp.generate)
     gen_data, limit = gen.pop("data", None), gen.pop("limit", None)
-    for arm in exp.arms:
-        arm_dir = exp.output_dir / arm.name
-        if (arm_dir / "eval" / "metrics.json").is_file():
-            log.info("[%s] already finished; skipped", arm.name)
-            continue
+    gen_overrides = {k if k.startswith("generate.") else f"generate.{k}": v for k, v in gen.items()}
+
+    cache: dict[str, str] = {}
+    plans: dict[str, tuple[Config, dict, dict]] = {}
+    for arm in exp.arms:  # validate every arm before running any
         overrides = {**data_overrides, **exp.overrides, **arm.overrides}
         if arm.base_model_from:
             overrides["model.name_or_path"] = str(exp.output_dir / arm.base_model_from / "checkpoint-best")
-        cfg = load_config(exp.config, overrides)
+        try:
+            cfg = load_config(exp.config, {**overrides, **gen_overrides})
+        except ConfigError as e:
+            raise ConfigError(f"arm {arm.name}: {e}") from None
+        base = plans[arm.base_model_from][1] if arm.base_model_from else None
+        plans[arm.name] = (cfg, _train_record(cfg, base, cache), _generate_record(cfg, gen_data, limit, cache))
+
+    stale_train, stale_gen, problems = set(), set(), []
+    for arm in exp.arms:
+        arm_dir = exp.output_dir / arm.name
+        path = arm_dir / ARM_RECORD
+        if not (arm_dir / "train_summary.json").is_file():
+            continue
+        if not path.is_file():
+            log.warning("[%s] has no %s (made by an older spt): its settings cannot be checked; delete %s "
+                        "to rerun it", arm.name, ARM_RECORD, arm_dir)
+            continue
+        record = json.loads(path.read_text())
+        _, train_rec, gen_rec = plans[arm.name]
+        if arm.base_model_from in stale_train or (changed := _changes(record.get("train", {}), train_rec)):
+            stale_train.add(arm.name)
+            problems.append(f"{arm.name}: " + (", ".join(changed[:6]) if arm.base_model_from not in stale_train
+                                                 else f"its base arm {arm.base_model_from} is rerun"))
+        elif arm.compare and "generate" in record and (changed := _changes(record["generate"], gen_rec)):
+            stale_gen.add(arm.name)
+            problems.append(f"{arm.name} (generation only): " + ", ".join(changed[:6]))
+    if problems and not rerun_stale:
+        raise ConfigError("finished arms were made with other settings: " + "; ".join(problems)
+                          + ". Rerun them with --rerun-stale, or use another --output-dir")
+    for name in stale_train | stale_gen:
+        arm_dir = exp.output_dir / name
+        doomed = (*RUN_FILES, ARM_RECORD) if name in stale_train else ("predictions.jsonl", "eval")
+        for item in doomed:
+            target = arm_dir / item
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        log.warning("[%s] stale: %s", name, "retraining" if name in stale_train else "regenerating")
+
+    for arm in exp.arms:
+        arm_dir = exp.output_dir / arm.name
+        cfg, train_rec, gen_rec = plans[arm.name]
+        if (arm_dir / "eval" / "metrics.json").is_file():
+            log.info("[%s] already finished; skipped", arm.name)
+            continue
         t = timings.setdefault(arm.name, {})
         if not (arm_dir / "train_summary.json").is_file():
             resume = arm_dir if (arm_dir / "checkpoint-last").is_dir() else None
@@ -136,13 +230,18 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
             # the experiment owns its arm folders: an arm that never reached a checkpoint starts afresh
             train(cfg, arm_dir, resume=resume, progress=progress, overwrite=resume is None)
             t["train_s"] = time.time() - start
+        record = {"train": train_rec}
+        (arm_dir / ARM_RECORD).write_text(json.dumps(record, indent=1, default=str))
         if arm.compare:
             start = time.time()
-            generate_file(arm_dir, gen_data, limit=limit, gen_overrides=gen, progress=progress)
+            arm_gen = {k.removeprefix("generate."): v for k, v in gen_rec.items() if k.startswith("generate.")}
+            generate_file(arm_dir, gen_data, limit=limit, gen_overrides=arm_gen, progress=progress)
             t["generate_s"] = time.time() - start
             start = time.time()
             evaluate_file(arm_dir)
             t["eval_s"] = time.time() - start
+            record["generate"] = gen_rec
+            (arm_dir / ARM_RECORD).write_text(json.dumps(record, indent=1, default=str))
         else:
             (arm_dir / "eval").mkdir(parents=True, exist_ok=True)
             (arm_dir / "eval" / "metrics.json").write_text(json.dumps({"n": 0, "note": "not compared"}))

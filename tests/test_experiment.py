@@ -38,6 +38,38 @@ arms:
     assert main(["experiment", "--config", str(exp), "--no-progress"]) == 0  # everything finished: skipped
     assert (out / "spt" / "eval" / "metrics.json").stat().st_mtime == mtime
 
+    # a changed setting: finished arms are not passed off as results of the new one
+    trained = (out / "base-lm" / "train_summary.json").stat().st_mtime
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(exp), "--no-progress", "--train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "base-lm: train.max_steps (2 -> 3)" in err and "pt: its base arm base-lm is rerun" in err
+    assert "--rerun-stale" in err and (out / "spt" / "eval" / "metrics.json").stat().st_mtime == mtime
+    # generation settings only: with --rerun-stale the arms regenerate, nothing retrains
+    assert main(["experiment", "--config", str(exp), "--no-progress", "--generate.max_new_tokens=5"]) == 2
+    assert "spt (generation only): generate.max_new_tokens (4 -> 5)" in capsys.readouterr().err
+    assert main(["experiment", "--config", str(exp), "--no-progress", "--generate.max_new_tokens=5",
+                 "--rerun-stale"]) == 0
+    assert (out / "spt" / "eval" / "metrics.json").stat().st_mtime > mtime
+    assert (out / "base-lm" / "train_summary.json").stat().st_mtime == trained
+    assert json.loads((out / "spt" / "arm.json").read_text())["generate"]["generate.max_new_tokens"] == 5
+    assert main(["experiment", "--config", str(exp), "--no-progress", "--generate.max_new_tokens=5"]) == 0
+
+
+def test_every_arm_is_validated_before_any_runs(synth_dir, tmp_path, capsys):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"""
+output_dir: {tmp_path / 'out'}
+overrides: {{data.train: {synth_dir / 'train.jsonl'}}}
+arms:
+  - {{name: first, overrides: {{method: pt}}}}
+  - {{name: typo, overrides: {{spt.KK: 2}}}}
+""")
+    assert main(["experiment", "--config", str(exp), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "arm typo" in err and "spt.KK" in err
+    assert not (tmp_path / "out" / "first").exists()  # nothing ran
+
 
 def test_bad_experiment_files(tmp_path):
     bad = tmp_path / "e.yaml"
