@@ -246,6 +246,18 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def resolve_paths(cfg: Config) -> Config:
+    """Local data files and base model folders as absolute paths, so a run folder works from anywhere.
+    Names that are not local paths (hub ids) stay as they are."""
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    data = {f: absolute(getattr(cfg.data, f)) for f in ("train", "valid", "test")}
+    model = {f: absolute(getattr(cfg.model, f)) for f in ("name_or_path", "tokenizer")}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data),
+                               model=dataclasses.replace(cfg.model, **model))
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}: dotted names, as overrides spell them."""
     out: dict[str, Any] = {}

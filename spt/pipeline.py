@@ -12,7 +12,7 @@ from typing import Any
 
 from .checkpoint import checkpoint_config, resolve_checkpoint
 from .config import Config, load_config
-from .data import read_examples
+from .data import DataError, read_examples
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def generate_file(run: str | Path, data: str | None = None, out: str | Path | No
     outputs = bot.generate(examples, progress=progress, **dataclasses.asdict(gen_cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    meta = provenance_path(out)
+    info = provenance(run, bot.config, data, len(examples), limit, dataclasses.asdict(gen_cfg))
     try:
+        write_json_atomic(meta, info)
         with tmp.open("w", encoding="utf-8") as f:
             for ex, g in zip(examples, outputs, strict=True):
                 row = {"dialogue_id": ex.dialogue_id, "turn": ex.turn, "persona": list(ex.persona),
@@ -63,8 +66,47 @@ def generate_file(run: str | Path, data: str | None = None, out: str | Path | No
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
         raise
     return out
+
+
+def provenance_path(predictions: Path) -> Path:
+    """Where a predictions file's provenance lives: ``predictions.jsonl`` -> ``predictions.provenance.json``."""
+    return predictions.with_name(predictions.name.removesuffix(".jsonl") + ".provenance.json")
+
+
+def provenance(run: str | Path, cfg, data: str, n: int, limit: int | None, generation: dict) -> dict[str, Any]:
+    """How a predictions file was made: run, checkpoint and its step, base model, data file with its hash
+    and example count, generation settings, seeds and the spt version."""
+    import hashlib
+    import time
+
+    from . import __version__
+
+    run, ckpt = Path(run).resolve(), resolve_checkpoint(run).resolve()
+    summary_path = (ckpt.parent if ckpt.name.startswith("checkpoint-") else ckpt) / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    h = hashlib.sha256()
+    with open(data, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"spt_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run": str(run), "checkpoint": str(ckpt), "trained_steps": summary.get("step"),
+            "best_val_loss": summary.get("best_val_loss"), "method": cfg.method,
+            "base_model": cfg.model.name_or_path, "K": cfg.spt.K if cfg.method in ("spt", "pt") else None,
+            "train_seed": cfg.train.seed, "data": str(Path(data).resolve()), "data_sha256": h.hexdigest(),
+            "examples": n, "limit": limit, "generation": generation}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False), encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -103,8 +145,21 @@ def evaluate_file(run: str | Path, predictions: str | Path | None = None, out: s
     cfg, from_run = run_config(run, overrides)
     explicit_k = "spt.K" in (overrides or {})
     K = cfg.spt.K if cfg.method in ("spt", "pt") and (from_run or explicit_k) else None
-    rows = read_predictions(Path(predictions) if predictions else run / "predictions.jsonl")
+    pred_path = Path(predictions) if predictions else run / "predictions.jsonl"
+    rows = read_predictions(pred_path)
     metrics = compute_metrics(rows, cfg.eval, K)
+    meta = provenance_path(pred_path)
+    if meta.is_file():  # made by spt generate: say how, next to the numbers
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(meta, None, f"unreadable provenance ({e})") from None
+        if isinstance(info, dict) and info.get("examples") not in (None, len(rows)):
+            log.warning("%s: %d rows, but its provenance says %s examples were generated", pred_path, len(rows),
+                        info.get("examples"))
+        metrics["provenance"] = info
+    else:
+        metrics["provenance"] = {"predictions": str(pred_path.resolve()), "note": "no provenance file"}
     report = write_report(Path(out) if out else run / "eval", run.name, metrics, rows, run if run.is_dir() else None,
                           cfg.eval.samples)
     return metrics, report

@@ -363,12 +363,26 @@ def write_metrics_json(path: Path, metrics: dict) -> None:
     write_text_atomic(path, json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
 
 
+def provenance_lines(info: dict | None) -> list[str]:
+    """How the evaluated predictions were made, for report.md (from spt generate's provenance file)."""
+    if not isinstance(info, dict) or "checkpoint" not in info:
+        return ["*Provenance unknown: these predictions have no provenance file (not made by spt generate).*", ""]
+    gen = info.get("generation") or {}
+    decoding = ", ".join(f"{k}={gen[k]}" for k in ("num_beams", "do_sample", "temperature", "top_p",
+                                                     "no_repeat_ngram_size", "max_new_tokens", "seed") if k in gen)
+    return ["Made by spt " + str(info.get("spt_version")) + f" on {info.get('created')}: checkpoint "
+            f"`{info['checkpoint']}` ({info.get('method')}, {info.get('trained_steps')} steps, base model "
+            f"`{info.get('base_model')}`), data `{info.get('data')}` (sha256 {str(info.get('data_sha256'))[:12]}, "
+            f"{info.get('examples')} examples), decoding {decoding}.", ""]
+
+
 def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_dir: Path | None,
                  samples: int = 10) -> Path:
     """Plots, report.md and metrics.json in ``out_dir``; metrics.json last, since its presence marks a
     finished evaluation (spt experiment skips arms that have it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# Evaluation: {name}", "", f"{metrics['n']} examples.", "", metrics_table([(name, metrics)]), ""]
+    md += provenance_lines(metrics.get("provenance"))
     if "ppl_unscored" in metrics:
         md += [f"PPL is over {metrics['n'] - metrics['ppl_unscored']} of the {metrics['n']} references: "
                f"{metrics['ppl_unscored']} were not scored (no ref_nll: longer than data.max_length).", ""]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .batching import EncodedDataset, LengthGroupedBatches, PersonaSimilarity, collate
 from .checkpoint import checkpoint_config, has_trainer_state, read_trainer_state, resolve_checkpoint
-from .config import Config, flatten
+from .config import Config, flatten, resolve_paths
 from .data import read_examples
 from .format import DialogueFormatter
 from .logger import MetricLogger
@@ -281,13 +281,14 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
     from transformers import get_scheduler
 
     start = time.time()
+    cfg = resolve_paths(cfg)  # config.yaml names data and model by absolute path: usable from any folder
     state, ckpt = None, None
     if resume is not None:
         recover_run_dir(Path(resume))
         ckpt = resolve_checkpoint(resume, prefer="checkpoint-last")
         if not has_trainer_state(ckpt):
             raise FileNotFoundError(f"{ckpt} has no trainer state; only checkpoint-last can be resumed")
-        check_resume_changes(checkpoint_config(ckpt), cfg, ckpt)
+        check_resume_changes(resolve_paths(checkpoint_config(ckpt)), cfg, ckpt)
         state = read_trainer_state(ckpt)
     same_run = ckpt is not None and output_dir.resolve() == ckpt.parent.resolve()
     prepare_run_dir(output_dir, resuming=same_run, overwrite=overwrite)

@@ -74,3 +74,31 @@ def test_eval_bad_predictions_file(tmp_path, capsys):
     bad.write_text('{"prediction": "a", "reference": "b"}\n{"prediction": 3}\n')
     assert main(["eval", str(tmp_path), "--predictions", str(bad)]) == 2
     assert "p.jsonl:2: field 'prediction'" in capsys.readouterr().err
+
+
+def test_predictions_and_metrics_carry_their_provenance(tiny_lm_dir, synth_dir, tmp_path, monkeypatch):
+    """Run paths are absolute (the run works from another folder), and generate/eval say how results were made."""
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    for name in ("train", "valid"):
+        shutil.copy(synth_dir / f"{name}.jsonl", work / "data" / f"{name}.jsonl")
+    monkeypatch.chdir(work)
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    assert main(["train", "--config", tiny, "--output-dir", "run", "--no-progress", "--train.max_steps=1",
+                 f"--model.name_or_path={tiny_lm_dir}", "--data.train=data/train.jsonl",
+                 "--data.valid=data/valid.jsonl"]) == 0
+    assert f"valid: {work / 'data' / 'valid.jsonl'}" in (work / "run" / "config.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run still finds its data
+    assert main(["generate", str(work / "run"), "--limit", "3", "--no-progress", "--generate.max_new_tokens=4",
+                 "--generate.num_beams=2"]) == 0
+    info = json.loads((work / "run" / "predictions.provenance.json").read_text())
+    assert info["data"] == str(work / "data" / "valid.jsonl") and info["examples"] == 3 and info["limit"] == 3
+    assert info["generation"]["num_beams"] == 2 and info["base_model"] == str(tiny_lm_dir)
+    assert info["checkpoint"].endswith("checkpoint-best") and info["trained_steps"] == 1
+    assert len(info["data_sha256"]) == 64 and info["method"] == "spt" and info["spt_version"]
+    assert main(["eval", str(work / "run"), "--eval.meteor=false", "--eval.bertscore_model=none"]) == 0
+    metrics = json.loads((work / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["provenance"] == info
+    assert "num_beams=2" in (work / "run" / "eval" / "report.md").read_text()
