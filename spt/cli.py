@@ -248,7 +248,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole method offline: synthetic data, a base LM from scratch, PT vs SPT, a comparison report.
 
-    Takes a few minutes on 2 CPU cores (--quick: well under one). Stages already done in --out are reused.
+    Takes about 10 minutes on 2 CPU cores (--quick: about a minute, most of it loading libraries). Stages
+    already done in --out are reused.
     """
     import os
     import time
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "demo", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="folder for data, runs and the report")
-    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (seconds)")
+    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
@@ -444,6 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_parties(verbose: bool, progress: bool) -> None:
+    """Other libraries' chatter (rouge-score's absl INFO lines, transformers' notices) at debug level only;
+    their progress bars (loading weights, writing shards) only where progress is wanted."""
+    if verbose:
+        return
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -452,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_third_parties(verbose=args.verbose, progress=not getattr(args, "no_progress", False))
     try:
         return args.func(args)
     except (DataError, ValueError, OSError, RuntimeError) as e:  # OSError: unwritable folder, full disk...

@@ -416,6 +416,9 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
                     bar.set_postfix({k: f"{v:.3g}" for k, v in comps.items()}, refresh=False)
                     if metrics and (step % cfg.train.log_every == 0 or step == 1):
                         metrics.log(step, "train", comps)
+                        if not progress:  # no bar: a line now and then, so a long run is not silent
+                            log.info("step %d/%d: %s", step, total_steps,
+                                     " ".join(f"{k} {v:.4g}" for k, v in comps.items()))
                     if step % eval_every == 0 or step == total_steps:
                         validate()
                         save("checkpoint-last", with_state=True)
