@@ -17,11 +17,11 @@ from .data.readers import parse_json_line
 log = logging.getLogger(__name__)
 
 # (key in metrics.json, column title) in the layout of the paper's table
-TABLE = [("f1", "F1"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
-         ("bertscore_f1", "BERTScore"), ("dist1", "DIST-1"), ("dist2", "DIST-2"), ("meteor", "METEOR"),
-         ("ppl", "PPL"), ("train_min", "train min")]
+TABLE = [("n", "n"), ("f1", "F1"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+         ("rougeL", "ROUGE-L"), ("bertscore_f1", "BERTScore"), ("dist1", "DIST-1"), ("dist2", "DIST-2"),
+         ("meteor", "METEOR"), ("ppl", "PPL"), ("train_min", "train min")]
 LOWER_IS_BETTER = {"ppl"}
-NOT_QUALITY = {"train_min"}  # shown in tables, left out of relative change and AVG
+NOT_QUALITY = {"n", "train_min"}  # shown in tables, left out of relative change and AVG
 
 
 MAX_TEXT_CHARS = 100_000  # a prediction or reference longer than this is refused (ROUGE alone takes ~2 s on it)
@@ -452,11 +452,37 @@ def _per_prompt_examples(rows: list[dict], per_prompt: int = 2) -> list[str]:
     return [*out, ""]
 
 
+def evaluated_on(metrics: dict) -> tuple:
+    """What a run was evaluated on: the data file's hash (from the provenance) and the example count."""
+    info = metrics.get("provenance") if isinstance(metrics.get("provenance"), dict) else {}
+    return info.get("data_sha256"), metrics.get("n")
+
+
+def comparability_warning(named: list[tuple[str, dict]]) -> str | None:
+    """A sentence when the runs were not evaluated on the same examples (so their numbers do not compare)."""
+    seen = {name: evaluated_on(m) for name, m in named}
+    counts = {n for _, n in seen.values()}
+    hashes = {h for h, _ in seen.values() if h is not None}
+    unknown = [name for name, (h, _) in seen.items() if h is None]
+    if len(counts) > 1 or len(hashes) > 1:
+        what = ", ".join(f"{name}: n={n}" + (f" on data {h[:8]}" if h else "") for name, (h, n) in seen.items())
+        return f"Not like with like: these runs were evaluated on different examples ({what}); their differences " \
+               "mix the models with the data."
+    if unknown and len(named) > 1:
+        return f"Unchecked: {', '.join(unknown)} carry no provenance, so it is unknown whether all runs were " \
+               "evaluated on the same data (rerun spt generate and spt eval)."
+    return None
+
+
 def compare(named: list[tuple[str, dict]]) -> str:
     """Runs side by side; then each run's relative change (%) from the first run, and their average (AVG)."""
     if len(named) < 1:
         raise ValueError("nothing to compare")
     table = metrics_table(named)
+    warning = comparability_warning(named)
+    if warning:
+        log.warning("%s", warning)
+        table = f"**{warning}**\n\n{table}"
     base_name, base = named[0]
     cols = [(k, t) for k, t in TABLE if k not in NOT_QUALITY and all(isinstance(m.get(k), float) for _, m in named)]
     lines = ["", f"Relative change from {base_name} (%; for PPL a decrease counts as a gain):", "",

@@ -48,7 +48,7 @@ def test_generate_eval_compare(trained, synth_dir, tmp_path, capsys):
     for name in ("report.md", "selection.png", "loss_curves.png", "routing.png"):
         assert (trained / "eval" / name).stat().st_size > 100
     report = (trained / "eval" / "report.md").read_text()
-    assert "| run | F1 | BLEU | ROUGE-1" in report and "## Samples" in report
+    assert "| run | n | F1 | BLEU | ROUGE-1" in report and "## Samples" in report
     assert "the retriever picked the best prompt for" in report and "![routing](routing.png)" in report
 
     other = tmp_path / "other.json"
@@ -102,3 +102,22 @@ def test_predictions_and_metrics_carry_their_provenance(tiny_lm_dir, synth_dir, 
     metrics = json.loads((work / "run" / "eval" / "metrics.json").read_text())
     assert metrics["provenance"] == info
     assert "num_beams=2" in (work / "run" / "eval" / "report.md").read_text()
+
+
+def test_compare_flags_runs_evaluated_on_different_examples(tmp_path, capsys):
+    def run(name, n, sha):
+        folder = tmp_path / name / "eval"
+        folder.mkdir(parents=True)
+        metrics = {"n": n, "f1": 10.0 + n, "bleu": 1.0, "provenance": {"data_sha256": sha, "checkpoint": "x"}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return str(tmp_path / name)
+
+    same = [run("a", 30, "d" * 64), run("b", 30, "d" * 64)]
+    assert main(["compare", *same]) == 0
+    out = capsys.readouterr().out
+    assert "Not like with like" not in out and "| a | 30 |" in out
+    assert main(["compare", run("c", 30, "d" * 64), run("d", 4, "d" * 64)]) == 0
+    out = capsys.readouterr().out
+    assert "Not like with like" in out and "c: n=30" in out and "d: n=4" in out
+    assert main(["compare", run("e", 30, "d" * 64), run("f", 30, "e" * 64)]) == 0
+    assert "Not like with like" in capsys.readouterr().out
