@@ -126,6 +126,22 @@ def data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- configuration ---------------------------------------------------------------------------------
+
+def config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config (defaults, then --config, then dotted overrides) with every setting's doc.
+
+    Examples:
+      spt config show                                   # every setting, its default and what it does
+      spt config show --config configs/tiny-cpu.yaml --train.lr=0.01
+    The output is valid YAML: save it and pass it back with --config.
+    """
+    from .config import describe, load_config, parse_overrides
+
+    print(describe(load_config(args.config, parse_overrides(args.overrides))), end="")
+    return 0
+
+
 # --- training ------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -385,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = _add(dsub, "download", data_download)
     p.add_argument("name", choices=["convai2"])
+
+    config = sub.add_parser("config", help="show the resolved config with every setting's doc")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    p = _add(csub, "show", config_show)
+    p.add_argument("--config", default=None, help="YAML config (defaults apply where it is silent)")
+    p.set_defaults(takes_overrides=True)
 
     p = _add(sub, "train", cmd_train)
     p.add_argument("--config", default=None, help="YAML config (defaults apply where it is silent)")

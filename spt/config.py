@@ -29,10 +29,10 @@ class ConfigError(ValueError):
 class ScratchConfig:
     """Shape of a GPT-2 style LM built from random initialisation (``model.init: scratch``)."""
 
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
-    n_positions: int = 512
+    n_layer: int = 2  # transformer blocks
+    n_embd: int = 64  # model width
+    n_head: int = 4  # attention heads (must divide n_embd)
+    n_positions: int = 512  # longest sequence, soft prompt included
     vocab_size: int = 2048  # size of the BPE tokenizer trained on the training data
 
 
@@ -41,6 +41,7 @@ class ModelConfig:
     name_or_path: str = "gpt2"  # hub name or local folder of the base causal LM
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the frozen LM weights
+    # pretrained: load name_or_path; scratch: build model.scratch from random weights
     init: Literal["pretrained", "scratch"] = "pretrained"
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     gradient_checkpointing: bool = False  # trade compute for activation memory on large models
@@ -49,7 +50,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str | None = None  # data file (any supported format)
-    valid: str | None = None
+    valid: str | None = None  # validation file: loss and routing diagnostics every train.eval_every
     test: str | None = None  # used by generate/eval when no file is given
     format: Literal["parlai", "json", "spc", "jsonl"] | None = None  # None: detect from the file
     max_length: int = 512  # text tokens per example (soft prompt tokens come on top)
@@ -57,7 +58,7 @@ class DataConfig:
     strict: bool = False  # fail on malformed input instead of skipping (counted, logged)
     instruction: str = ""  # text placed before "given persona:" (textual prompting's instruction template)
     max_train_examples: int | None = None  # first N examples only (quick runs)
-    max_valid_examples: int | None = None
+    max_valid_examples: int | None = None  # first N validation examples only
 
 
 Recipe = Literal["routed", "paper"]
@@ -83,20 +84,21 @@ class SPTConfig:
     prompt_init: Literal["vocab", "random", "text"] = "vocab"  # sampled vocabulary embeddings by default
     prompt_init_text: str = ""  # with prompt_init: text, e.g. "respond in character :"
     recipe: Recipe = "routed"  # preset for the fields marked (recipe) below; see RECIPES
+    # linear: one projection of the pooled context (paper); transformer: a small encoder over the context first
     retriever: Literal["linear", "transformer"] = "linear"
     # what the retriever reads: the inference input's token embeddings, mean-pooled (paper), or the frozen LM's
     # last hidden state at the end of the inference input (costs one extra forward without the LM head)
     query: Literal["embeddings", "lm_hidden"] = "embeddings"
     retriever_layers: int = 1  # transformer retriever only
-    softplus_beta: float = 10.0
-    softplus_threshold: float = 1.0
+    softplus_beta: float = 10.0  # scores S = softplus(cosine) with this beta (paper's retriever)
+    softplus_threshold: float = 1.0  # softplus switches to linear above this
     # (recipe) subtract the training contexts' mean pooled embedding before scoring: embedding tables are
     # anisotropic, so raw pooled contexts all point one way and every example picks the same prompt
     center_features: bool | None = None
     # (recipe) what a prompt is scored by: "prompt_mean" = mean of its n tokens (paper); "kmeans" = a key
     # vector of its own, started at a k-means centroid of the training contexts' features
     keys: Literal["prompt_mean", "kmeans"] | None = None
-    lambda_llm: float = 1.0
+    lambda_llm: float = 1.0  # LM loss weight
     lambda_sel: float = 0.4  # selection loss weight (paper: 0.4 for OPT, 1.0 for Llama-2-7B)
     # (recipe) prompt fusion loss weight. Off in "routed": its gradient into the retriever favours hedged,
     # flat routing (routing accuracy 0.6 instead of 0.98 on the marker task of tests/test_routing.py)
@@ -143,53 +145,53 @@ class SPTConfig:
 class BaselineConfig:
     """Options of the baselines (methods finetune and lora)."""
 
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA path
     lora_target_modules: list[str] | None = None  # None: peft's default for the model family
     loss_on: Literal["response", "all"] = "response"  # finetune: "all" trains every token (LM pretraining)
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
+    lr: float = 1e-4  # AdamW learning rate (peak, after warmup)
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch_size: int = 8  # examples per forward (per process)
+    grad_accum: int = 1  # forwards per optimizer step
+    epochs: int = 1  # passes over the training data, unless max_steps is set
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    warmup_steps: int = 0
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float = 1.0
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate schedule after warmup
+    max_grad_norm: float = 1.0  # gradient clipping norm; 0: no clipping
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where supported
-    seed: int = 42
+    seed: int = 42  # seeds data order, initialisation and every RNG
     eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between training log rows (metrics.csv)
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
     chunk_size: int | None = None  # max (prompt, example) rows per LM forward; None: all K*B at once
     group_by_length: bool = True  # batch similar lengths together (less padding)
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # examples per forward in validation
 
 
 @dataclass
 class GenerateConfig:
     max_new_tokens: int = 32  # the paper's evaluation: greedy, 32 new tokens
-    batch_size: int = 16
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    batch_size: int = 16  # examples per generate call
+    num_beams: int = 1  # beam search width; 1: greedy (or sampling)
+    do_sample: bool = False  # sample instead of greedy/beam search
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling mass
     top_k: int = 0  # 0: no top-k filtering
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # HF repetition penalty; 1: none
     no_repeat_ngram_size: int = 0  # the paper's chat: 4 (with num_beams 10)
     stop: list[str] = field(default_factory=lambda: ["Q:", "R:", "\n", ":"])  # cut the reply at the first
-    seed: int = 0
+    seed: int = 0  # seed of sampling
 
 
 @dataclass
 class EvalConfig:
     bertscore_model: str | None = None  # None: the paper's deberta-xlarge-mnli online, a local MiniLM offline
-    bertscore_layers: int | None = None
+    bertscore_layers: int | None = None  # layer of the BERTScore model; None: bert-score's default for it
     meteor: bool = True  # computed when NLTK's WordNet data is available; otherwise reported as skipped
     samples: int = 10  # sample predictions in the report
 
@@ -203,7 +205,7 @@ class ServeConfig:
     # request's max_tokens, exactly as in training. Longer inputs are truncated by the training rule (oldest
     # turns first, then persona from the left), or refused with 413 when reject_long_inputs is set
     max_input_tokens: int | None = None
-    reject_long_inputs: bool = False
+    reject_long_inputs: bool = False  # 413 for inputs over max_input_tokens instead of truncating them
     max_batch: int = 16  # most rows (requests x n) in one generate call; 1 turns batching off
     batch_window_ms: float = 5.0  # how long the first waiting request waits for others to share its batch
     request_timeout_s: float = 60.0  # a request not answered by then gets a 504
@@ -223,7 +225,7 @@ class ServeConfig:
 
 @dataclass
 class Config:
-    method: Method = "spt"
+    method: Method = "spt"  # what trains: spt, pt (one prompt), textual, finetune or lora
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     spt: SPTConfig = field(default_factory=SPTConfig)
@@ -386,20 +388,121 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+# Names other tools use for our settings (HF Trainer, PEFT, ...), for "did you mean".
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "warmup": "warmup_steps",
+           "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+           "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+           "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler", "max_seq_length": "max_length",
+           "max_len": "max_length", "model_name": "name_or_path", "model_name_or_path": "name_or_path",
+           "k": "K", "num_prompts": "K", "n_prompts": "K", "prompt_length": "num_virtual_tokens",
+           "n_tokens": "num_virtual_tokens", "max_grad_norm_": "max_grad_norm", "beams": "num_beams",
+           "max_tokens": "max_new_tokens", "fp16": "mixed_precision", "bf16": "mixed_precision"}
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    """" (did you mean X?)" for a misspelt or foreign setting name, from the names in ``known``."""
+    import difflib
+
+    section, _, leaf = name.rpartition(".")
+    prefix = f"{section}." if section else ""
+    alias = ALIASES.get(leaf) or ALIASES.get(leaf.lower())
+    if alias and prefix + alias in known:
+        return f" (did you mean {prefix + alias}?)"
+    siblings = [k.removeprefix(prefix) for k in known if k.startswith(prefix) and "." not in k.removeprefix(prefix)]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix + close[0]}?)"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
+        raise ConfigError("unknown config key(s) " + ", ".join(where + k + _suggest(k, sorted(known))
+                                                                for k in unknown)
+                          + f"; known in {prefix or 'the top level'}: {', '.join(sorted(known))}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data)
+
+
+def field_docs() -> dict[str, tuple[Any, str]]:
+    """Every setting as ``{"train.lr": (default, doc)}``; the doc is the comment beside or above the field
+    in this file (one place to document a setting), or the section's docstring's first line for sections."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(inspect.getmodule(Config))
+    lines = source.splitlines()
+    comments: dict[tuple[str, str], str] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            text = lines[item.lineno - 1]
+            trailing = text.split("  # ", 1)[1].strip() if "  # " in text else ""
+            above, i = [], item.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip().lstrip("#").strip())
+                i -= 1
+            comments[(node.name, item.target.id)] = " ".join([*above, trailing]).strip()
+    out: dict[str, tuple[Any, str]] = {}
+
+    def walk(cls: type, instance: Any, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = (value, comments.get((cls.__name__, f.name), ""))
+
+    defaults = Config()
+    for f in dataclasses.fields(Config):  # the recipe fields: show the unresolved default (None = recipe)
+        if f.name == "spt":
+            defaults.spt = SPTConfig.__new__(SPTConfig)
+            for sf in dataclasses.fields(SPTConfig):
+                setattr(defaults.spt, sf.name, sf.default if sf.default is not dataclasses.MISSING
+                        else sf.default_factory())
+    walk(Config, defaults, "")
+    return out
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as YAML, each setting followed by its doc and, where it differs, its default."""
+    docs = field_docs()
+    lines: list[str] = []
+    section_of: dict[str, str] = {}
+    for dotted, value in flatten(cfg.to_dict()).items():
+        parts = dotted.split(".")
+        for depth in range(len(parts) - 1):
+            head = ".".join(parts[:depth + 1])
+            if head not in section_of:
+                section_of[head] = head
+                lines.append("  " * depth + f"{parts[depth]}:")
+        default, doc = docs.get(dotted, (None, ""))
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        note = doc + (f" [default: {default}]" if default != value else "")
+        lines.append("  " * (len(parts) - 1) + f"{parts[-1]}: {text}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _check_override_keys(overrides: dict[str, Any]) -> None:
+    """An override naming no setting is an error about the flag itself, with the nearest name."""
+    known = list(field_docs())
+    sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    for dotted in overrides:
+        if dotted not in known and dotted not in sections:
+            raise ConfigError(f"--{dotted}: no such setting{_suggest(dotted, known)}; "
+                              "`spt config show` lists them all")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -446,6 +549,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         data = loaded
+    _check_override_keys(overrides or {})
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     try:

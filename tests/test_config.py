@@ -33,7 +33,7 @@ def test_paper_settings():
     ("--spt.retriever=lstm", "spt.retriever must be one of"),
     ("--train.batch_size=big", "train.batch_size must be an integer"),
     ("--train.mixed_precision=fp8", "train.mixed_precision must be one of"),
-    ("--spt.nope=1", "unknown config key"),
+    ("--spt.nope=1", "--spt.nope: no such setting"),
     ("--data.max_context_turns=-2", "data.max_context_turns must be >= 0"),
     ("--spt.prompt_init=text", "spt.prompt_init_text must be set"),
 ])
@@ -67,3 +67,35 @@ def test_yaml_boolean_words_reach_string_choices():
 
     cfg = load_config(None, parse_overrides(["--train.mixed_precision=no"]))  # YAML 1.1 reads "no" as False
     assert cfg.train.mixed_precision == "no"
+
+
+def test_every_setting_is_documented_and_config_show_round_trips(tmp_path, capsys):
+    from spt.cli import main
+    from spt.config import field_docs
+
+    docs = field_docs()
+    assert len(docs) > 80 and [k for k, (_, doc) in docs.items() if not doc] == []
+    assert docs["spt.tau_sim"][0] is None and "recipe" in docs["spt.tau_sim"][1]  # None = the recipe decides
+    assert main(["config", "show", "--train.lr=0.05", "--spt.K=3"]) == 0
+    shown = capsys.readouterr().out
+    assert "  lr: 0.05  # AdamW learning rate (peak, after warmup) [default: 0.0001]" in shown
+    assert "  K: 3  # number of soft prompts in the bank [default: 4]" in shown
+    saved = tmp_path / "c.yaml"
+    saved.write_text(shown)
+    assert load_config(saved).train.lr == 0.05 and load_config(saved).spt.K == 3  # valid YAML, loads back
+
+
+@pytest.mark.parametrize("flag,suggestion", [("--train.learning_rate=1", "did you mean train.lr?"),
+                                             ("--spt.KK=2", "did you mean spt.K?"),
+                                             ("--trian.lr=1", "did you mean train.lr?"),
+                                             ("--train.gradient_accumulation_steps=2",
+                                              "did you mean train.grad_accum?")])
+def test_unknown_override_names_the_flag_and_the_nearest_setting(flag, suggestion, tmp_path, capsys):
+    from spt.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.1\n")
+    assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "r"), flag]) == 2
+    err = capsys.readouterr().err
+    assert f"--{flag[2:].split('=')[0]}: no such setting ({suggestion})" in err
+    assert str(cfg) not in err  # the flag is to blame, not the file
