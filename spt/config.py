@@ -533,13 +533,30 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file by path, or a shipped config by name (``tiny-cpu``, ``spt-opt125m-convai2``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {path} not found (shipped configs, usable by name: "
+                      f"{', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then dotted overrides; validated as a whole."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+        path = find_config(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:
