@@ -253,5 +253,5 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
         named.append((arm.name, metrics))
     table = compare(named)
     (exp.output_dir / "comparison.md").write_text(f"# {exp.name}\n\n{table}")
-    comparison_plot(named, exp.output_dir / "comparison.png")
+    comparison_plot(named, exp.output_dir / "comparison.png", f"{exp.name}: {len(named)} runs compared")
     return table

@@ -273,30 +273,59 @@ def _savefig(fig, path: Path) -> None:
         raise
 
 
-def loss_plot(metrics_csv: Path, path: Path) -> bool:
-    """Training-loss components and validation loss over steps; False if the log has nothing to plot."""
+LOSS_NAMES = {"llm": "LM loss", "sel": "selection loss", "fus": "fusion loss", "ctr": "contrastive loss",
+              "bal": "load-balance loss"}
+
+
+def loss_figure(metrics_csv: Path, title: str = "Training"):
+    """Left: the LM loss, training and validation (nats per token), the one that says whether the model
+    learns; right: the auxiliary losses (selection, fusion, ...) on their own scale. None if nothing logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from .logger import read_metrics
 
     series = read_metrics(metrics_csv)
-    train = {name: v for (split, name), v in series.items() if split == "train" and name in
-             ("loss", "llm", "sel", "fus", "ctr")}
+    lm = series.get(("train", "llm")) or series.get(("train", "loss"))
     valid = series.get(("valid", "loss"))
-    if not train and not valid:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, pts in sorted(train.items()):
-        ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"train {name}", lw=1)
+    aux = {name: pts for (split, name), pts in series.items() if split == "train" and name in LOSS_NAMES
+           and name != "llm" and any(v for _, v in pts)}
+    if not lm and not valid:
+        return None
+    fig, axes = plt.subplots(1, 2 if aux else 1, figsize=(10 if aux else 6, 3.8), squeeze=False)
+    ax = axes[0][0]
+    if lm:
+        ax.plot([s for s, _ in lm], [v for _, v in lm], lw=1, alpha=0.8, label="training batches")
     if valid:
-        ax.plot([s for s, _ in valid], [v for _, v in valid], "k-o", label="valid loss", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
+        ax.plot([s for s, _ in valid], [v for _, v in valid], "k-o", ms=3, label="validation set")
+    ax.set_title("LM loss of the reference replies")
+    ax.set_ylabel("nats per token")
+    if aux:
+        ax2 = axes[0][1]
+        for name, pts in sorted(aux.items()):
+            ax2.plot([s for s, _ in pts], [v for _, v in pts], lw=1, label=LOSS_NAMES[name])
+        ax2.set_title("Auxiliary losses (training batches)")
+        ax2.set_ylabel("loss")
+    for a in axes[0]:
+        a.set_xlabel("optimizer step")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.legend(fontsize=7, loc="best", framealpha=0.8)
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def loss_plot(metrics_csv: Path, path: Path, title: str = "Training") -> bool:
+    """Save :func:`loss_figure` to ``path``; False if the log has nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(metrics_csv, title)
+    if fig is None:
+        return False
     _savefig(fig, path)
     plt.close(fig)
     return True
@@ -420,7 +449,8 @@ def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_
             md += [""]
         md += _per_prompt_examples([r for r in rows if _in_range(r, len(sel["histogram"]))])
     csv_path = run_dir / "metrics.csv" if run_dir is not None else None
-    if csv_path is not None and csv_path.is_file() and loss_plot(csv_path, out_dir / "loss_curves.png"):
+    if csv_path is not None and csv_path.is_file() and loss_plot(csv_path, out_dir / "loss_curves.png",
+                                                                 f"Training of {name}"):
         md += ["## Training", "", "![loss curves](loss_curves.png)", ""]
         if routing_plot(csv_path, out_dir / "routing.png"):
             md += ["Routing on the validation set during training (share of each prompt, select_acc):", "",
@@ -505,8 +535,9 @@ def load_run_metrics(path: str | Path) -> tuple[str, dict]:
     raise FileNotFoundError(f"{path}: no eval/metrics.json (run spt eval on it first)")
 
 
-def comparison_plot(named: list[tuple[str, dict]], path: Path) -> None:
-    """Grouped bars of the quality metrics, one group per metric and one bar per run."""
+def comparison_figure(named: list[tuple[str, dict]], title: str = "Comparison"):
+    """Left: the quality metrics (higher is better), one group per metric and one bar per run, each
+    labelled with its value; right: perplexity (lower is better). None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -514,15 +545,43 @@ def comparison_plot(named: list[tuple[str, dict]], path: Path) -> None:
 
     cols = [(k, t) for k, t in TABLE if k not in NOT_QUALITY | LOWER_IS_BETTER
             and all(isinstance(m.get(k), float) for _, m in named)]
-    if not cols:
-        return
-    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 3.5))
-    width = 0.8 / len(named)
-    for i, (name, m) in enumerate(named):
-        ax.bar([j + i * width for j in range(len(cols))], [m[k] for k, _ in cols], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))])
-    ax.set_xticklabels([t for _, t in cols], fontsize=8)
-    ax.legend(fontsize=7)
+    ppl = [(name, m["ppl"]) for name, m in named if isinstance(m.get("ppl"), float)]
+    if not cols and not ppl:
+        return None
+    panels = [p for p in (cols, ppl) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * len(cols) + 4, 4),
+                             gridspec_kw={"width_ratios": [max(1, len(cols)), 1.5][:len(panels)]}, squeeze=False)
+    ax = axes[0][0]
+    if cols:
+        width = 0.8 / len(named)
+        for i, (name, m) in enumerate(named):
+            bars = ax.bar([j + i * width for j in range(len(cols))], [m[k] for k, _ in cols], width, label=name)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))])
+        ax.set_xticklabels([t for _, t in cols], fontsize=8)
+        ax.set_ylabel("score (0-100)")
+        ax.set_title("Quality (higher is better)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0) if not ppl else (0.0, 1.0))
+        ax.grid(axis="y", alpha=0.3)
+    if ppl:
+        axp = axes[0][-1]
+        bars = axp.bar(range(len(ppl)), [v for _, v in ppl], color=[f"C{i}" for i in range(len(ppl))])
+        axp.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        axp.set_xticks(range(len(ppl)))
+        axp.set_xticklabels([n for n, _ in ppl], fontsize=7, rotation=30, ha="right")
+        axp.set_ylabel("perplexity of the references")
+        axp.set_title("PPL (lower is better)")
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def comparison_plot(named: list[tuple[str, dict]], path: Path, title: str = "Comparison") -> None:
+    """Save :func:`comparison_figure` to ``path`` (nothing when there is nothing to plot)."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(named, title)
+    if fig is None:
+        return
     _savefig(fig, path)
     plt.close(fig)

@@ -121,3 +121,26 @@ def test_compare_flags_runs_evaluated_on_different_examples(tmp_path, capsys):
     assert "Not like with like" in out and "c: n=30" in out and "d: n=4" in out
     assert main(["compare", run("e", 30, "d" * 64), run("f", 30, "e" * 64)]) == 0
     assert "Not like with like" in capsys.readouterr().out
+
+
+def test_plots_answer_one_question_each_with_titles_and_labels(tmp_path):
+    from spt.report import comparison_figure, loss_figure
+
+    csv = tmp_path / "metrics.csv"
+    rows = ["step,split,name,value"] + [f"{s},train,{n},{v / s}" for s in range(1, 6)
+                                        for n, v in (("loss", 9.0), ("llm", 5.0), ("sel", 1.0), ("ctr", 0.0))]
+    csv.write_text("\n".join([*rows, "0,valid,loss,5.5", "5,valid,loss,4.0"]) + "\n")
+    fig = loss_figure(csv, "Training of x")
+    lm, aux = fig.axes
+    assert fig._suptitle.get_text() == "Training of x"
+    assert lm.get_title() == "LM loss of the reference replies" and lm.get_ylabel() == "nats per token"
+    assert [t.get_text() for t in lm.get_legend().get_texts()] == ["training batches", "validation set"]
+    # the weighted total is not drawn against its parts, and a loss that is always 0 is left out
+    assert [t.get_text() for t in aux.get_legend().get_texts()] == ["selection loss"]
+    assert all(float(t).is_integer() for t in lm.get_xticks())
+    named = [("pt", {"f1": 10.0, "bleu": 0.7, "ppl": 30.0}), ("spt", {"f1": 12.0, "bleu": 0.9, "ppl": 28.0})]
+    fig = comparison_figure(named, "study")
+    quality, ppl = fig.axes
+    assert quality.get_ylabel() == "score (0-100)" and "higher is better" in quality.get_title()
+    assert "lower is better" in ppl.get_title() and [t.get_text() for t in ppl.get_xticklabels()] == ["pt", "spt"]
+    assert [lbl.get_text() for lbl in quality.texts][:2] == ["10.0", "0.7"]  # bars carry their values

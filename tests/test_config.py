@@ -104,5 +104,5 @@ def test_unknown_override_names_the_flag_and_the_nearest_setting(flag, suggestio
 def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config("tiny-cpu").spt.K == 2 and load_config("spt-opt125m-convai2.yaml").method == "spt"
-    with pytest.raises(ConfigError, match="shipped configs, usable by name: .*tiny-cpu"):
+    with pytest.raises(ConfigError, match=r"shipped configs, usable by name: .*tiny-cpu"):
         load_config("no-such-config")
