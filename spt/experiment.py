@@ -62,8 +62,12 @@ class Experiment:
 
 
 def _resolve(path: str, rel_to: Path) -> Path:
+    """A path as given when it exists (or is absolute), else relative to the experiment file; a bare name
+    found nowhere is kept as is (a shipped config's name)."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() else rel_to / p
+    if p.is_absolute() or p.exists() or (rel_to / p).exists():
+        return p if p.is_absolute() or p.exists() else rel_to / p
+    return p if p.parent == Path(".") else rel_to / p
 
 
 def load_experiment(path: str | Path, output_dir: str | None = None,
