@@ -257,7 +257,17 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
                                 env=env)
 
 
-KILL_STEPS = ["--train.max_steps=30", "--train.eval_every=5", "--train.log_every=5"]
+KILL_STEPS = ["--train.max_steps=60", "--train.eval_every=5", "--train.log_every=1"]
+
+
+def _last_step(run: Path) -> int:
+    """The newest training step in the run's metrics.csv (flushed every row), -1 before any."""
+    try:
+        rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return -1
+    steps = [int(r.split(",")[0]) for r in rows if ",train," in r and r.split(",")[0].isdigit()]
+    return max(steps, default=-1)
 
 
 @pytest.fixture(scope="module")
@@ -274,10 +284,11 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tiny_lm_dir, synth_
     rng = random.Random(f"{sig}-{trial}")
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc = _spawn(_args(tiny_lm_dir, synth_dir, out, *KILL_STEPS), log)
+    target = rng.randint(2, 40)  # of 60 steps: the signal lands mid-run however fast this machine is
     deadline = time.time() + 120
-    while not (out / "checkpoint-best").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)  # training has started (step-0 validation saved checkpoint-best)
-    time.sleep(rng.uniform(0.1, 2.0))  # the run trains for several seconds: the signal lands mid-run
+    while _last_step(out) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.05))  # anywhere inside a step
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
     assert not (out / "train_summary.json").is_file(), "the signal came after the run had finished"
