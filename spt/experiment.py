@@ -115,11 +115,9 @@ def _file_hash(path: str | None, cache: dict[str, str]) -> str | None:
     if not path or not Path(path).is_file():
         return None
     if path not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        cache[path] = h.hexdigest()[:16]
+        from .pipeline import sha256_file
+
+        cache[path] = sha256_file(path)[:16]
     return cache[path]
 
 

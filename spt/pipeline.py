@@ -79,7 +79,6 @@ def provenance_path(predictions: Path) -> Path:
 def provenance(run: str | Path, cfg, data: str, n: int, limit: int | None, generation: dict) -> dict[str, Any]:
     """How a predictions file was made: run, checkpoint and its step, base model, data file with its hash
     and example count, generation settings, seeds and the spt version."""
-    import hashlib
     import time
 
     from . import __version__
@@ -87,16 +86,23 @@ def provenance(run: str | Path, cfg, data: str, n: int, limit: int | None, gener
     run, ckpt = Path(run).resolve(), resolve_checkpoint(run).resolve()
     summary_path = (ckpt.parent if ckpt.name.startswith("checkpoint-") else ckpt) / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    h = hashlib.sha256()
-    with open(data, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return {"spt_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "run": str(run), "checkpoint": str(ckpt), "trained_steps": summary.get("step"),
             "best_val_loss": summary.get("best_val_loss"), "method": cfg.method,
             "base_model": cfg.model.name_or_path, "K": cfg.spt.K if cfg.method in ("spt", "pt") else None,
-            "train_seed": cfg.train.seed, "data": str(Path(data).resolve()), "data_sha256": h.hexdigest(),
+            "train_seed": cfg.train.seed, "data": str(Path(data).resolve()), "data_sha256": sha256_file(data),
             "examples": n, "limit": limit, "generation": generation}
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
