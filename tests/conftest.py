@@ -84,3 +84,13 @@ def synth_dir(tmp_path_factory):
     for name, part in parts.items():
         write_jsonl(part, path / f"{name}.jsonl")
     return path
+
+
+TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+
+
+def tiny_train_args(tiny_lm_dir, synth_dir, out, *extra) -> list[str]:
+    """`spt train` arguments for a seconds-long run of the tiny LM on the synthetic data."""
+    return ["train", "--config", TINY_CONFIG, "--output-dir", str(out), "--no-progress",
+            f"--model.name_or_path={tiny_lm_dir}", f"--data.train={synth_dir / 'train.jsonl'}",
+            f"--data.valid={synth_dir / 'valid.jsonl'}", *extra]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import spt
+from conftest import tiny_train_args
 from spt.chat import Chat, ChatSession, chat, format_selection, split_persona
 from spt.cli import main
 from spt.data import read_examples
@@ -23,9 +24,7 @@ SELECTION = re.compile(r"\[prompt (\d) \| (\d\.\d\d) (\d\.\d\d)\]$")
 @pytest.fixture(scope="module")
 def run(tiny_lm_dir, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("chat") / "spt"
-    assert main(["train", "--config", TINY, "--output-dir", str(out), "--no-progress",
-                 f"--model.name_or_path={tiny_lm_dir}", f"--data.train={synth_dir / 'train.jsonl'}",
-                 f"--data.valid={synth_dir / 'valid.jsonl'}"]) == 0
+    assert main(tiny_train_args(tiny_lm_dir, synth_dir, out)) == 0
     return out
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import spt
+from conftest import tiny_train_args
 from spt.cli import main
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
@@ -16,9 +17,7 @@ METRIC_KEYS = {"f1", "f1_unnormalized", "bleu", "bleu1", "bleu2", "bleu3", "bleu
 @pytest.fixture(scope="module")
 def trained(tiny_lm_dir, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "spt"
-    assert main(["train", "--config", TINY, "--output-dir", str(out), "--no-progress",
-                 f"--model.name_or_path={tiny_lm_dir}", f"--data.train={synth_dir / 'train.jsonl'}",
-                 f"--data.valid={synth_dir / 'valid.jsonl'}"]) == 0
+    assert main(tiny_train_args(tiny_lm_dir, synth_dir, out)) == 0
     return out
 
 

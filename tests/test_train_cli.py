@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_train_args
 from spt.cli import main
 from spt.config import load_config
 
@@ -14,9 +15,7 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
 
 
 def _args(tiny_lm_dir, synth_dir, out, *extra):
-    return ["train", "--config", TINY, "--output-dir", str(out), "--no-progress",
-            f"--model.name_or_path={tiny_lm_dir}", f"--data.train={synth_dir / 'train.jsonl'}",
-            f"--data.valid={synth_dir / 'valid.jsonl'}", *extra]
+    return tiny_train_args(tiny_lm_dir, synth_dir, out, *extra)
 
 
 def test_train_then_resume(tiny_lm_dir, synth_dir, tmp_path):
