@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -433,9 +434,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data)
 
 
+@functools.cache
 def field_docs() -> dict[str, tuple[Any, str]]:
-    """Every setting as ``{"train.lr": (default, doc)}``; the doc is the comment beside or above the field
-    in this file (one place to document a setting), or the section's docstring's first line for sections."""
+    """Every setting as ``{"train.lr": (declared default, doc)}``; the doc is the comment beside or above the
+    field in this file (one place to document a setting). Recipe fields show their declared None (= the
+    recipe decides). Parsed once per process."""
     import ast
     import inspect
 
@@ -457,22 +460,16 @@ def field_docs() -> dict[str, tuple[Any, str]]:
             comments[(node.name, item.target.id)] = " ".join([*above, trailing]).strip()
     out: dict[str, tuple[Any, str]] = {}
 
-    def walk(cls: type, instance: Any, prefix: str) -> None:
+    def walk(cls: type, prefix: str) -> None:  # the declarations themselves: no instance, no recipe resolved
         for f in dataclasses.fields(cls):
-            value = getattr(instance, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(type(value), value, f"{prefix}{f.name}.")
+            factory = f.default_factory
+            if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+                walk(factory, f"{prefix}{f.name}.")
             else:
-                out[f"{prefix}{f.name}"] = (value, comments.get((cls.__name__, f.name), ""))
+                default = f.default if f.default is not dataclasses.MISSING else factory()
+                out[f"{prefix}{f.name}"] = (default, comments.get((cls.__name__, f.name), ""))
 
-    defaults = Config()
-    for f in dataclasses.fields(Config):  # the recipe fields: show the unresolved default (None = recipe)
-        if f.name == "spt":
-            defaults.spt = SPTConfig.__new__(SPTConfig)
-            for sf in dataclasses.fields(SPTConfig):
-                setattr(defaults.spt, sf.name, sf.default if sf.default is not dataclasses.MISSING
-                        else sf.default_factory())
-    walk(Config, defaults, "")
+    walk(Config, "")
     return out
 
 
@@ -493,6 +490,15 @@ def describe(cfg: Config) -> str:
         note = doc + (f" [default: {default}]" if default != value else "")
         lines.append("  " * (len(parts) - 1) + f"{parts[-1]}: {text}" + (f"  # {note}" if note else ""))
     return "\n".join(lines) + "\n"
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted settings whose values differ between two flattened configs, sorted."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def show_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    return f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
 
 
 def _check_override_keys(overrides: dict[str, Any]) -> None:

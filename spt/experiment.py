@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, flatten, load_config
+from .config import Config, ConfigError, changed_settings, flatten, load_config, show_change
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def _resolve(path: str, rel_to: Path) -> Path:
     """A path as given when it exists (or is absolute), else relative to the experiment file; a bare name
     found nowhere is kept as is (a shipped config's name)."""
     p = Path(path)
-    if p.is_absolute() or p.exists() or (rel_to / p).exists():
-        return p if p.is_absolute() or p.exists() else rel_to / p
-    return p if p.parent == Path(".") else rel_to / p
+    if p.is_absolute() or p.exists():
+        return p
+    return rel_to / p if (rel_to / p).exists() or p.parent != Path(".") else p
 
 
 def load_experiment(path: str | Path, output_dir: str | None = None,
@@ -139,7 +139,7 @@ def _generate_record(cfg: Config, gen_data: str | None, limit: int | None, cache
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [show_change(k, old, new) for k in changed_settings(old, new)]
 
 
 def _prepare_split(exp: Experiment, here: Path) -> dict[str, str]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .batching import EncodedDataset, LengthGroupedBatches, PersonaSimilarity, collate
 from .checkpoint import checkpoint_config, has_trainer_state, read_trainer_state, resolve_checkpoint
-from .config import Config, flatten, resolve_paths
+from .config import Config, changed_settings, flatten, resolve_paths, show_change
 from .data import read_examples
 from .format import DialogueFormatter
 from .logger import MetricLogger
@@ -103,12 +103,12 @@ RESUMABLE_SECTIONS = ("generate.", "eval.", "serve.")
 def check_resume_changes(saved: Config, cfg: Config, ckpt: Path) -> list[str]:
     """The fields ``cfg`` changes from the checkpoint's config; raise if any of them cannot change on resume."""
     old, new = flatten(saved.to_dict()), flatten(cfg.to_dict())
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = changed_settings(old, new)
     fixed = [k for k in changed if k not in RESUMABLE and not k.startswith(RESUMABLE_SECTIONS)]
     if "spt.retriever_lr" in changed and (old.get("spt.retriever_lr") is None) != (new.get("spt.retriever_lr") is None):
         fixed.append("spt.retriever_lr (between null and a value: it changes the optimizer's parameter groups)")
     if fixed:
-        shown = ", ".join(k if " " in k else f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed)
+        shown = ", ".join(k if " " in k else show_change(k, old, new) for k in fixed)
         raise ValueError(f"cannot change on resume from {ckpt}: {shown}; start a new run (another --output-dir) "
                          f"to change them")
     if changed:
