@@ -152,10 +152,10 @@ def dialogue(req: ChatRequest) -> tuple[list[str], list[str]]:
     last_role = None
     system: list[str] = []
     for msg in req.messages:
-        text = " ".join(_content(msg).split())
-        if msg.role in ("system", "developer"):
-            system += split_sentences(text)
+        if msg.role in ("system", "developer"):  # split before spaces are normalised: line breaks separate too
+            system += [" ".join(s.split()) for s in split_sentences(_content(msg))]
             continue
+        text = " ".join(_content(msg).split())
         if msg.role == last_role:
             history[-1] = f"{history[-1]} {text}".strip()
         else:

@@ -104,6 +104,11 @@ def test_system_message_split_into_sentences():
     assert split_sentences("Your persona: i like cats. I have two dogs!\nmy job is boring") == \
         ["i like cats.", "I have two dogs!", "my job is boring"]
     assert split_sentences("a. | b.") == ["a.", "b."]
+    from spt.serve import ChatRequest, dialogue
+
+    req = ChatRequest(messages=[{"role": "system", "content": "i like cats\ni have  two dogs"},
+                                {"role": "user", "content": "hi  there"}])
+    assert dialogue(req) == (["i like cats", "i have two dogs"], ["hi there"])  # line breaks split the persona
 
 
 async def _many(app, bodies: list[dict]) -> list[httpx.Response]:
