@@ -77,7 +77,10 @@ def test_nonfinite_losses_are_skipped_then_stop(tiny_lm_dir, synth_dir, tmp_path
 
     monkeypatch.setattr(SPTModel, "forward", broken)
     assert main(_args(tiny_lm_dir, synth_dir, tmp_path / "b", "--train.max_bad_steps=3")) == 2
-    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "3 non-finite losses in a row" in err
+    # every step failed, so no checkpoint-last was written: the message must not point at one
+    assert "no checkpoint was saved yet" in err and "checkpoint-last" not in err
 
 
 def test_checkpoint_shape_mismatch_is_explained(tiny_lm_dir, synth_dir, tmp_path, capsys):
