@@ -18,8 +18,10 @@ install: $(BIN)/spt
 demo: install
 	$(BIN)/spt demo --out runs/demo
 
+# The multi-process tests (2 CPU processes each, ~15 s start-up per launch) run as a second call.
 test: install
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m distributed
 
 lint: install
 	$(BIN)/ruff check spt tests bench

@@ -84,6 +84,10 @@ class SPTConfig:
     num_virtual_tokens: int = 8  # n: tokens per soft prompt
     prompt_init: Literal["vocab", "random", "text"] = "vocab"  # sampled vocabulary embeddings by default
     prompt_init_text: str = ""  # with prompt_init: text, e.g. "respond in character :"
+    # start the bank from PEFT prompt-tuning adapter folders (e.g. written by `spt export`) instead of
+    # prompt_init: one folder is copied into all K slots, or exactly K folders, one per slot. A fresh run only
+    # (not on resume); --spt.init_from_peft=DIR or =DIR1,DIR2 (a YAML list for paths with commas)
+    init_from_peft: list[str] | str = field(default_factory=list)
     recipe: Recipe = "routed"  # preset for the fields marked (recipe) below; see RECIPES
     # linear: one projection of the pooled context (paper); transformer: a small encoder over the context first
     retriever: Literal["linear", "transformer"] = "linear"
@@ -135,6 +139,8 @@ class SPTConfig:
     selection_noise: float = 0.0  # Gaussian noise on scores before argmax at inference
 
     def __post_init__(self) -> None:
+        if isinstance(self.init_from_peft, str):  # "--spt.init_from_peft=A,B" on the command line
+            self.init_from_peft = [p.strip() for p in self.init_from_peft.split(",") if p.strip()]
         if self.recipe not in RECIPES:
             raise ConfigError(f"spt.recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
         for name, value in RECIPES[self.recipe].items():
@@ -319,6 +325,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_context_turns must be >= 0 or null, got {cfg.data.max_context_turns}")
     if cfg.spt.prompt_init == "text" and not cfg.spt.prompt_init_text.strip():
         raise ConfigError("spt.prompt_init_text must be set when spt.prompt_init is 'text'")
+    if cfg.spt.init_from_peft and cfg.method not in ("spt", "pt"):
+        raise ConfigError(f"spt.init_from_peft starts a prompt bank: it needs method spt or pt, got {cfg.method}")
     if cfg.model.init == "scratch" and cfg.method != "finetune":
         raise ConfigError(f"model.init=scratch needs method=finetune (got {cfg.method}): train the base LM first, "
                           "then point model.name_or_path at its checkpoint")

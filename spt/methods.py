@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from . import distributed
 from .batching import EncodedDataset, collate
 from .checkpoint import (
     CONFIG,
@@ -137,7 +138,9 @@ class Method:
         """Restore what ``training_state`` returned."""
 
     def _loader(self, ds: EncodedDataset, batch_size: int) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+        """Batches of this rank's share of ``ds`` (all of it in one process); reduce sums with ``sum_across``."""
+        part = Subset(ds, distributed.shard(range(len(ds)))) if distributed.is_distributed() else ds
+        return DataLoader(part, batch_size=batch_size, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
 
 class SPTMethod(Method):
@@ -173,7 +176,12 @@ class SPTMethod(Method):
 
     @torch.no_grad()
     def prepare(self, train_ds: EncodedDataset, max_examples: int = 8192, batch_size: int = 64) -> None:
-        """Centre and k-means keys of the retriever from (up to ``max_examples``) training contexts."""
+        """The bank from spt.init_from_peft (if set), then the retriever's centre and k-means keys from (up to
+        ``max_examples``) training contexts."""
+        if self.cfg.spt.init_from_peft:
+            from .export import init_bank_from_peft
+
+            init_bank_from_peft(self.model, self.cfg)
         r = self.model.retriever
         if self.model.K == 1 or (r.center is None and r.keys is None):
             return  # one prompt (PT) is always selected: nothing to route
@@ -189,8 +197,10 @@ class SPTMethod(Method):
             log.info("retriever keys at k-means centroids of %d training contexts; cluster sizes %s",
                      len(items), torch.bincount(assign, minlength=self.model.K).tolist())
 
-    def save(self, folder: Path, cfg: Config, trainer_state: dict | None) -> None:
-        save_trainable(folder, self.model.trainable_state_dict(), cfg, trainer_state)
+    def save(self, folder: Path, cfg: Config, trainer_state: dict | None,
+             tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """``tensors``: the trainable state gathered from sharded parameters (FSDP, ZeRO-3), if not the model's."""
+        save_trainable(folder, self.model.trainable_state_dict() if tensors is None else tensors, cfg, trainer_state)
 
     def generate(self, examples, gen: GenerateConfig, progress: bool = False,
                  score_references: bool = True) -> list[Generation]:
@@ -219,6 +229,11 @@ class SPTMethod(Method):
             n += p.L.shape[1]
             hist += torch.bincount(k.cpu(), minlength=model.K).float()
         model.train(was_training)
+        keys = sorted(sums)  # every rank scored its shard: add them up
+        totals = distributed.sum_across([*(sums[k] for k in keys), tokens, hits, n, *hist.tolist()])
+        sums = dict(zip(keys, totals[:3], strict=True))
+        tokens, hits, n = totals[3:6]
+        hist = torch.tensor(totals[6:])
         loss = sums["selected"] / tokens
         out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_oracle": sums["oracle"] / tokens,
                "loss_mean_prompt": sums["mean_prompt"] / tokens, "select_acc": hits / n}
@@ -332,6 +347,7 @@ class LMMethod(Method):
             total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             tokens += targets.numel()
         self.model.train(was_training)
+        total, tokens = distributed.sum_across([total, tokens])
         loss = total / tokens
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 

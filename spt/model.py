@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses
+from . import distributed, losses
 from .config import SPTConfig
 from .format import IGNORE_INDEX
 from .retriever import Retriever, spherical_kmeans
@@ -294,15 +294,18 @@ class SPTModel(nn.Module):
                     feats, targets = zip(*self._replay, strict=True)
                     S_all = torch.cat([self.retriever.score_features(self.prompts, torch.cat(feats)), p.S], 1)
                     q_all = torch.cat([*targets, q], 1)
-                self._replay.append((p.features.detach(), q.detach()))
+                # every rank keeps the whole global batch, so replay is the same as in one process
+                self._replay.append((distributed.gather_rows(p.features.detach()),
+                                     distributed.gather_rows(q.detach().T).T))
             out["sel"] = losses.selection_loss(p.L, S_all, cfg.tau_gold, cfg.tau_sim, cfg.sel_noise_sigma, q=q_all)
         fusion_w = losses.fusion_weights(p.S, cfg.fusion_weights, cfg.tau_sim)
         out["fus"] = losses.fusion_loss(p.logits, p.targets, fusion_w, p.token_example) \
             if cfg.lambda_fus > 0 and multi else zero
         out["bal"] = losses.balance_loss(route, self.route_avg, BALANCE_MOMENTUM) \
             if cfg.lambda_bal > 0 and multi else zero
-        if self.training and multi:
-            self.route_avg.mul_(BALANCE_MOMENTUM).add_((1 - BALANCE_MOMENTUM) * route.detach().mean(1))
+        if self.training and multi:  # the global batch's average routing, identical on every rank
+            batch_route = distributed.gather_rows(route.detach().T).mean(0)
+            self.route_avg.mul_(BALANCE_MOMENTUM).add_((1 - BALANCE_MOMENTUM) * batch_route)
         out["ctr"] = losses.contrastive_loss(p.S, losses.contrastive_targets(persona_sim, cfg.ctr_bleu_threshold)) \
             if cfg.lambda_ctr > 0 and multi and persona_sim is not None else zero
         out["loss"] = (cfg.lambda_llm * out["llm"] + cfg.lambda_sel * out["sel"] + cfg.lambda_fus * out["fus"]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .checkpoint import checkpoint_config, resolve_checkpoint
 from .config import Config, load_config
 from .data import DataError, read_examples
@@ -43,9 +44,15 @@ def generate_file(run: str | Path, data: str | None = None, out: str | Path | No
     examples = read_examples(data, data_format or saved.data.format, saved.data.strict)
     if limit:
         examples = examples[:limit]
+    rank, world, device = distributed.init_from_launcher()  # under accelerate launch: a shard per process
     with _hf_progress(progress):
-        bot = load(run, overrides=overrides)
-    outputs = bot.generate(examples, progress=progress, **dataclasses.asdict(gen_cfg))
+        bot = load(run, device=device, overrides=overrides)
+    mine = distributed.shard(examples, rank, world)
+    outputs = distributed.gather_objects(bot.generate(mine, progress=progress and rank == 0,
+                                                      **dataclasses.asdict(gen_cfg)))
+    if rank > 0:  # rank 0 writes the file, in the original order
+        distributed.barrier()
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     meta = provenance_path(out)
@@ -68,6 +75,7 @@ def generate_file(run: str | Path, data: str | None = None, out: str | Path | No
         tmp.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
         raise
+    distributed.barrier()
     return out
 
 

@@ -27,11 +27,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batching import EncodedDataset, LengthGroupedBatches, PersonaSimilarity, collate
 from .checkpoint import checkpoint_config, has_trainer_state, read_trainer_state, resolve_checkpoint
 from .config import Config, changed_settings, flatten, resolve_paths, show_change
 from .data import read_examples
-from .format import DialogueFormatter
+from .distributed import ShardedBatches
+from .format import IGNORE_INDEX, DialogueFormatter
 from .logger import MetricLogger
 from .methods import build_method
 
@@ -276,22 +278,36 @@ def train(cfg: Config, output_dir: str | Path, resume: str | Path | None = None,
 
 def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: bool,
            overwrite: bool) -> TrainResult:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
     from accelerate.state import AcceleratorState
     from transformers import get_scheduler
 
     start = time.time()
     cfg = resolve_paths(cfg)  # config.yaml names data and model by absolute path: usable from any folder
+    rank, world, _ = distributed.init_from_launcher()  # several processes (accelerate launch, torchrun)
+    main = rank == 0
     state, ckpt = None, None
     if resume is not None:
-        recover_run_dir(Path(resume))
+        if main:
+            recover_run_dir(Path(resume))
+        distributed.barrier()
         ckpt = resolve_checkpoint(resume, prefer="checkpoint-last")
         if not has_trainer_state(ckpt):
             raise FileNotFoundError(f"{ckpt} has no trainer state; only checkpoint-last can be resumed")
         check_resume_changes(resolve_paths(checkpoint_config(ckpt)), cfg, ckpt)
         state = read_trainer_state(ckpt)
     same_run = ckpt is not None and output_dir.resolve() == ckpt.parent.resolve()
-    prepare_run_dir(output_dir, resuming=same_run, overwrite=overwrite)
+    if main:  # one process checks and prepares the folder; the others wait for it (and for its verdict)
+        error = None
+        try:
+            prepare_run_dir(output_dir, resuming=same_run, overwrite=overwrite)
+        except (OSError, ValueError) as e:
+            error = e
+        distributed.broadcast_object(repr(error) if error else None)
+        if error:
+            raise error
+    elif problem := distributed.broadcast_object(None):
+        raise RuntimeError(f"rank 0 could not prepare {output_dir}: {problem}")
     if not cfg.data.train:
         raise ValueError("data.train is not set: pass --data.train=FILE or a config that names it")
     seed_everything(cfg.train.seed)
@@ -299,8 +315,14 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
     # per-run accelerate state, keeping the distributed (process group) part.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
+                              gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=not uses_every_parameter(cfg))])
     method = build_method(cfg, ckpt)
+    if world > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) \
+            and cfg.method not in ("spt", "pt"):
+        raise ValueError(f"{accelerator.distributed_type.value} is supported for spt and pt only; train "
+                         f"{cfg.method} with DDP (configs/accelerate/ddp.yaml)")
     if not method.trains:
         return _no_training(method, cfg, output_dir, accelerator, start)
     formatter = method.formatter()
@@ -310,6 +332,13 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
         method.prepare(train_ds)
     sampler = LengthGroupedBatches(train_ds.lengths(), cfg.train.batch_size, cfg.train.seed,
                                    group=cfg.train.group_by_length)
+    if world > 1:  # train.batch_size is the global batch: each rank takes every world-th row of it
+        if cfg.train.batch_size < world:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be at least "
+                             f"the number of processes ({world})")
+        sampler = ShardedBatches(sampler, rank, world)
+        log.info("%d processes: %d rows of each batch of %d per process", world,
+                 math.ceil(cfg.train.batch_size / world), cfg.train.batch_size)
     pad_id = method.tokenizer.pad_token_id
     loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad_id))
     similarity = PersonaSimilarity(train_ds.personas) if method.needs_persona_similarity else None
@@ -320,9 +349,12 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, cfg.train.warmup_steps, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(method.model, optimizer, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process per step, since it assumes
+    # per-process batches; spt's train.batch_size is the global batch and a step is a global step.
+    model, optimizer = accelerator.prepare(method.model, optimizer)
     step, epoch, batch_in_epoch, best = 0, 0, 0, None
     history: list[dict] = []
+    replicated = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -333,12 +365,20 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, batch_in_epoch)
 
-    cfg.save(output_dir / "config.yaml")  # what runs, including the fields a resume changed
-    if state is not None and accelerator.is_main_process:
+    if main:
+        cfg.save(output_dir / "config.yaml")  # what runs, including the fields a resume changed
+    if state is not None and main:
         truncate_metrics(output_dir, step)
     metrics = MetricLogger(output_dir) if accelerator.is_main_process else None
 
     def save(name: str, with_state: bool) -> None:
+        gathered = {}
+        if replicated:  # DDP keeps whole replicas: check they still agree
+            distributed.assert_same({n: p.detach() for n, p in method.model.named_parameters() if p.requires_grad},
+                                    f"trainable parameters at step {step}")
+        elif world > 1:  # FSDP / DeepSpeed shard the parameters: every rank takes part in gathering them
+            full = accelerator.get_state_dict(model)
+            gathered = {"tensors": {k: v for k, v in full.items() if not k.startswith("lm.")}} if main else {}
         if not accelerator.is_main_process:
             return
         trainer_state = None
@@ -346,7 +386,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best,
                              "rng": rng_state(), "history": history, "method": method.training_state()}
-        method.save(output_dir / name, cfg, trainer_state)
+        method.save(output_dir / name, cfg, trainer_state, **gathered)
 
     def validate() -> None:
         nonlocal best
@@ -369,7 +409,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
     eval_every = cfg.train.eval_every or steps_per_epoch
 
     def stop_if_asked() -> None:
-        if stop.requested:  # at a step boundary: the saved state is exactly an uninterrupted run's
+        # at a step boundary, on every rank at once: the saved state is exactly an uninterrupted run's
+        if distributed.any_rank(stop.requested):
             save("checkpoint-last", with_state=True)
             log.warning("stopped at step %d; resume with: spt train --resume %s", step, output_dir)
             raise KeyboardInterrupt
@@ -387,10 +428,10 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
                     with accelerator.accumulate(model):
                         with accelerator.autocast():  # the forward only; backward runs outside autocast
                             out = model(**method.model_inputs(batch, accelerator.device), persona_sim=sim)
-                        finite = bool(torch.isfinite(out["loss"]).item())
+                        finite, scale = sync_step(out["loss"], batch["labels"], world)
                         if finite:
                             bad_in_a_row = 0
-                            accelerator.backward(out["loss"])
+                            accelerator.backward(out["loss"] * scale if world > 1 else out["loss"])
                             if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                                 accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                             optimizer.step()
@@ -412,8 +453,10 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
                     step += 1
                     bar.update(1)
                     comps = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
-                    comps["lr"] = scheduler.get_last_lr()[0]
                     bar.set_postfix({k: f"{v:.3g}" for k, v in comps.items()}, refresh=False)
+                    if step % cfg.train.log_every == 0 or step == 1:
+                        comps = distributed.mean_across(comps)  # logged: the mean over ranks
+                    comps["lr"] = scheduler.get_last_lr()[0]
                     if metrics and (step % cfg.train.log_every == 0 or step == 1):
                         metrics.log(step, "train", comps)
                         if not progress:  # no bar: a line now and then, so a long run is not silent
@@ -436,10 +479,34 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
             if metrics:
                 metrics.close()
     result = TrainResult(output_dir, step, best, history, time.time() - start)
+    distributed.barrier()  # the last checkpoint is on disk before any rank returns
     if accelerator.is_main_process:
         summary = {"step": step, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def sync_step(loss: torch.Tensor, labels: torch.Tensor, world: int) -> tuple[bool, float]:
+    """(whether every rank's loss is finite, this rank's loss scale), agreed by all ranks in one all-reduce.
+
+    Every rank skips a step if any rank's loss is not finite (one rank stepping alone would deadlock).
+    The scale makes data parallelism match one process on the same global batch: DDP averages the
+    ranks' gradients, while one process averages over every response token of the batch, so a rank's
+    (per-token mean) loss is weighted by its share of the batch's response tokens: tokens_r * world / tokens."""
+    bad = 0.0 if bool(torch.isfinite(loss).item()) else 1.0
+    if world == 1:
+        return bad == 0.0, 1.0
+    tokens = float((labels[:, 1:] != IGNORE_INDEX).sum())
+    total_tokens, total_bad = distributed.sum_across([tokens, bad])
+    return total_bad == 0.0, tokens * world / max(total_tokens, 1.0)
+
+
+def uses_every_parameter(cfg: Config) -> bool:
+    """Whether every trainable parameter gets a gradient at every step (DDP then skips a graph walk).
+
+    SPT with K > 1 and the selection loss trains prompts and retriever every step; PT's retriever (K = 1)
+    gets none, and the baselines are left to DDP's check to be safe."""
+    return cfg.method == "spt" and cfg.spt.K > 1 and cfg.spt.lambda_sel > 0
 
 
 def last_checkpoint(output_dir: Path) -> str:
@@ -451,8 +518,10 @@ def last_checkpoint(output_dir: Path) -> str:
 
 def _no_training(method, cfg: Config, output_dir: Path, accelerator, start: float) -> TrainResult:
     """Methods that do not train (textual): record the validation loss and a config-only checkpoint."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(output_dir / "config.yaml")
+    main = accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / "config.yaml")
     history = []
     valid_ds = load_split(cfg, "valid", method.formatter(), cfg.data.max_valid_examples)
     method.model.to(accelerator.device)
@@ -460,9 +529,11 @@ def _no_training(method, cfg: Config, output_dir: Path, accelerator, start: floa
         result = method.evaluate_loss(valid_ds, cfg.train.eval_batch_size, accelerator.device, accelerator.autocast)
         history.append({**result, "step": 0})
         log.info("%s does not train; valid loss %.4f", cfg.method, result["loss"])
-    method.save(output_dir / "checkpoint-best", cfg, None)
     best = history[0]["loss"] if history else None
     result = TrainResult(output_dir, 0, best, history, time.time() - start)
-    (output_dir / "train_summary.json").write_text(json.dumps(
-        {"step": 0, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}, indent=2))
+    if main:
+        method.save(output_dir / "checkpoint-best", cfg, None)
+        (output_dir / "train_summary.json").write_text(json.dumps(
+            {"step": 0, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}, indent=2))
+    distributed.barrier()
     return result
