@@ -59,6 +59,8 @@ class Experiment:
     arms: list[Arm]
     split: dict[str, Any] | None = None
     generate: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, str] = field(default_factory=dict)  # data.* files given with --data: the last word
+    bootstrap: int = 1000  # resamples for the comparison's confidence intervals (0: none)
 
 
 def _resolve(path: str, rel_to: Path) -> Path:
@@ -70,16 +72,71 @@ def _resolve(path: str, rel_to: Path) -> Path:
     return rel_to / p if (rel_to / p).exists() or p.parent != Path(".") else p
 
 
+SPLIT_KEYS = {"source", "synth", "format", "fractions", "seed"}
+# split.synth: the demo's tuning corpus (spt demo): the persona decides the speaking style. These defaults,
+# with fractions train=0.8,valid=0.1,test=0.1 and seed 0, give exactly the demo's train/valid/test files.
+SYNTH_DEFAULTS = {"dialogues": 1500, "seed": 1}
+SPLIT_RECORD = "split.json"  # in output_dir/data: what the split was made from; a change remakes it
+DATA_SUFFIXES = (".jsonl", ".txt", ".json", ".csv")  # what spt's readers take (see spt.data.readers)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    found = [folder / f"{stem}{suffix}" for suffix in DATA_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+    return found[0] if found else None
+
+
+def data_option(data: str | Path, split: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """Where ``spt experiment --data DATA`` takes the experiment's data from: (the split to make, or None;
+    data.* files used as they are).
+
+    A FILE (any supported format) is split by dialogue as the file's ``split`` says (fractions and seed;
+    default train=0.8,valid=0.2). A FOLDER with ``train.*`` and ``valid.*`` (and maybe ``test.*``: what
+    ``spt data split`` writes), or with PersonaChat's ``train_self_original_no_cands.txt`` and
+    ``valid_self_original_no_cands.txt``, is used as it is; a folder with only PersonaChat's
+    ``valid_self_original_no_cands.txt`` has that file split."""
+    path = Path(data).expanduser()
+    spec = {k: v for k, v in (split or {}).items() if k not in ("source", "synth", "format")}
+    if path.is_file():
+        return {**spec, "source": str(path.resolve())}, {}
+    if not path.is_dir():
+        raise ConfigError(f"--data {data}: no such file or folder")
+    persona_chat = {name: path / f"{name}_self_original_no_cands.txt" for name in ("train", "valid")}
+    if all(f.is_file() for f in persona_chat.values()):
+        return None, {f"data.{name}": str(f.resolve()) for name, f in persona_chat.items()}
+    plain = {name: _find(path, name) for name in ("train", "valid", "test")}
+    if plain["train"] and plain["valid"]:
+        return None, {f"data.{name}": str(f.resolve()) for name, f in plain.items() if f}
+    if persona_chat["valid"].is_file():
+        return {**spec, "source": str(persona_chat["valid"].resolve())}, {}
+    raise ConfigError(f"--data {data}: no data found in this folder: expected train.* and valid.* files "
+                      f"({', '.join(DATA_SUFFIXES)}), or PersonaChat's train_self_original_no_cands.txt and "
+                      "valid_self_original_no_cands.txt (or the valid file alone, split by dialogue); or give a file")
+
+
 def load_experiment(path: str | Path, output_dir: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> Experiment:
-    """Read an experiment file; ``overrides`` (dotted) apply to every arm, after the file's own."""
+                    overrides: dict[str, Any] | None = None, data: str | Path | None = None,
+                    bootstrap: int | None = None) -> Experiment:
+    """Read an experiment file; ``overrides`` (dotted) apply to every arm, after the file's own. ``data``
+    replaces the file's data (see :func:`data_option`); ``bootstrap`` sets the comparison's resamples."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} not found")
     raw = yaml.safe_load(path.read_text()) or {}
-    known = {"name", "config", "output_dir", "overrides", "arms", "split", "generate"}
+    known = {"name", "config", "output_dir", "overrides", "arms", "split", "generate", "bootstrap"}
     if unknown := sorted(set(raw) - known):
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    split = raw.get("split")
+    if split is not None:
+        if not isinstance(split, dict):
+            raise ConfigError(f"{path}: split must be a mapping (source or synth, fractions, seed)")
+        if unknown := sorted(set(split) - SPLIT_KEYS):
+            raise ConfigError(f"{path}: split: unknown key(s) {unknown}; known: {sorted(SPLIT_KEYS)}")
+        if ("source" in split) == ("synth" in split):
+            raise ConfigError(f"{path}: split needs either source (a data file) or synth (the demo's synthetic "
+                              "corpus), not both")
+    data_files: dict[str, str] = {}
+    if data is not None:
+        split, data_files = data_option(data, split)
     if not raw.get("arms"):
         raise ConfigError(f"{path}: 'arms' must list at least one arm")
     arms = []
@@ -100,10 +157,13 @@ def load_experiment(path: str | Path, output_dir: str | None = None,
     if overrides:
         for a in arms:  # the command line has the last word, in every arm
             a.overrides = {**a.overrides, **overrides}
+    resamples = raw.get("bootstrap", 1000) if bootstrap is None else bootstrap
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 0:
+        raise ConfigError(f"{path}: bootstrap must be a number of resamples >= 0 (0: none), got {resamples!r}")
     return Experiment(
         name=raw.get("name", path.stem), output_dir=Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"),
         config=_resolve(raw["config"], here) if raw.get("config") else None, overrides=raw.get("overrides") or {},
-        arms=arms, split=raw.get("split"), generate=raw.get("generate") or {},
+        arms=arms, split=split, generate=raw.get("generate") or {}, data=data_files, bootstrap=resamples,
     )
 
 
@@ -143,30 +203,62 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _prepare_split(exp: Experiment, here: Path) -> dict[str, str]:
+    """Split the experiment's source (a file, or the demo's synthetic corpus) by dialogue into
+    output_dir/data/NAME.jsonl; the data.* overrides that point at them. The split is made once and made
+    again whenever its source (contents), fractions or seed change (recorded in data/split.json), so
+    finished arms trained on the old split are then found stale."""
     from .data import parse_fractions, read_examples, split_by_dialogue, write_jsonl
+    from .data.synth import synth_examples
+    from .pipeline import sha256_file
 
     spec = exp.split
     data_dir = exp.output_dir / "data"
-    fractions = parse_fractions(spec.get("fractions", "train=0.8,valid=0.2"))
+    try:
+        fractions = parse_fractions(str(spec.get("fractions", "train=0.8,valid=0.2")))
+    except ValueError as e:
+        raise ConfigError(f"split.fractions: {e}") from None
     files = {name: data_dir / f"{name}.jsonl" for name in fractions}
-    if not all(f.is_file() for f in files.values()):
-        source = _resolve(spec["source"], here)
-        parts = split_by_dialogue(read_examples(source, spec.get("format")), fractions, spec.get("seed", 0))
+    if "synth" in spec:
+        if not isinstance(spec["synth"] or {}, dict):
+            raise ConfigError(f"split.synth must be a mapping like {SYNTH_DEFAULTS}, got {spec['synth']!r}")
+        synth = {**SYNTH_DEFAULTS, **(spec["synth"] or {})}
+        if bad := sorted(set(synth) - set(SYNTH_DEFAULTS)):
+            raise ConfigError(f"split.synth: unknown key(s) {bad}; known: {sorted(SYNTH_DEFAULTS)}")
+        origin: dict[str, Any] = {"synth": synth}
+    else:
+        source = _resolve(str(spec["source"]), here)
+        if not source.is_file():
+            raise ConfigError(f"split.source {source}: no such file (spt experiment --data FILE_OR_DIR gives "
+                              "the experiment other data)")
+        origin = {"source": str(source.resolve()), "sha256": sha256_file(source)}
+    record = {**origin, "fractions": fractions, "seed": spec.get("seed", 0), "format": spec.get("format")}
+    record_path = data_dir / SPLIT_RECORD
+    old = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if old != record or not all(f.is_file() for f in files.values()):
+        if old is not None and old != record:
+            log.warning("[data] the split's source or settings changed: splitting again into %s", data_dir)
+        if "synth" in spec:
+            examples = synth_examples(int(synth["dialogues"]), seed=int(synth["seed"]), style_consistency=1.0,
+                                      clear_majority=True)
+        else:
+            examples = read_examples(source, spec.get("format"))
+        parts = split_by_dialogue(examples, fractions, spec.get("seed", 0))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        record_path.unlink(missing_ok=True)  # no record while the files are half written
         for name, part in parts.items():
             write_jsonl(part, files[name])
+        record_path.write_text(json.dumps(record, indent=1))
     return {f"data.{name}": str(f) for name, f in files.items() if name in ("train", "valid", "test")}
 
 
 def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = True,
-                   rerun_stale: bool = False) -> str:
-    """Run every unfinished arm; return the comparison table (also written to output_dir/comparison.md).
+                   rerun_stale: bool = False, dry_run: bool = False) -> str:
+    """Run every unfinished arm; return the comparison table (also written to output_dir/comparison.md,
+    with its bootstrap numbers in comparison.json and a plot with error bars in comparison.png).
 
     Every arm's config is built (and so validated) before any arm runs. Finished arms whose recorded
-    settings differ from the file's are refused by name, or rerun with ``rerun_stale``."""
-    from .pipeline import evaluate_file, generate_file
-    from .report import compare, comparison_plot, load_run_metrics
-    from .train import RUN_FILES, train
-
+    settings differ from the file's are refused by name, or rerun with ``rerun_stale``. ``dry_run``: make
+    the data split and validate every arm, then return what would run (nothing trains)."""
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     data_overrides = _prepare_split(exp, here) if exp.split else {}
     timings_path = exp.output_dir / "timings.json"
@@ -178,7 +270,7 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
     cache: dict[str, str] = {}
     plans: dict[str, tuple[Config, dict, dict]] = {}
     for arm in exp.arms:  # validate every arm before running any
-        overrides = {**data_overrides, **exp.overrides, **arm.overrides}
+        overrides = {**data_overrides, **exp.overrides, **arm.overrides, **exp.data}
         if arm.base_model_from:
             overrides["model.name_or_path"] = str(exp.output_dir / arm.base_model_from / "checkpoint-best")
         try:
@@ -207,6 +299,12 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
         elif arm.compare and "generate" in record and (changed := _changes(record["generate"], gen_rec)):
             stale_gen.add(arm.name)
             problems.append(f"{arm.name} (generation only): " + ", ".join(changed[:6]))
+    if dry_run:
+        return _plan(exp, plans, problems)
+    from .pipeline import evaluate_file, generate_file
+    from .report import compare_runs, comparison_plot, load_run_metrics
+    from .train import RUN_FILES, train
+
     if problems and not rerun_stale:
         raise ConfigError("finished arms were made with other settings: " + "; ".join(problems)
                           + ". Rerun them with --rerun-stale, or use another --output-dir")
@@ -248,12 +346,46 @@ def run_experiment(exp: Experiment, here: Path = Path("."), progress: bool = Tru
             (arm_dir / "eval").mkdir(parents=True, exist_ok=True)
             (arm_dir / "eval" / "metrics.json").write_text(json.dumps({"n": 0, "note": "not compared"}))
         timings_path.write_text(json.dumps(timings, indent=2))
-    named = []
+    from .bootstrap import load_per_example
+    from .report import write_text_atomic
+
+    named, examples = [], []
     for arm in (a for a in exp.arms if a.compare):
         metrics = load_run_metrics(exp.output_dir / arm.name)[1]
+        examples.append(load_per_example(exp.output_dir / arm.name, metrics))
         metrics["train_min"] = timings.get(arm.name, {}).get("train_s", float("nan")) / 60
         named.append((arm.name, metrics))
-    table = compare(named)
-    (exp.output_dir / "comparison.md").write_text(f"# {exp.name}\n\n{table}")
-    comparison_plot(named, exp.output_dir / "comparison.png", f"{exp.name}: {len(named)} runs compared")
+    table, boot = compare_runs(named, examples, exp.bootstrap)
+    write_text_atomic(exp.output_dir / "comparison.md", f"# {exp.name}\n\n{table}")
+    if boot is not None:
+        write_text_atomic(exp.output_dir / "comparison.json", json.dumps(boot.to_json(), indent=1) + "\n")
+    comparison_plot(named, exp.output_dir / "comparison.png", f"{exp.name}: {len(named)} runs compared", boot)
     return table
+
+
+def _plan(exp: Experiment, plans: dict[str, tuple[Config, dict, dict]], problems: list[str]) -> str:
+    """What ``run_experiment`` would do (its dry run): the data, and each arm's method, base, steps, status."""
+    lines = [f"# {exp.name} (dry run: every arm validated, nothing trained)", "",
+             f"Output: {exp.output_dir}", ""]
+    cfg0 = next(iter(plans.values()))[0]
+    for split in ("train", "valid", "test"):
+        path = getattr(cfg0.data, split)
+        if path:
+            jsonl = Path(path).is_file() and path.endswith(".jsonl")
+            count = sum(map(bool, Path(path).read_bytes().split(b"\n"))) if jsonl else None
+            lines.append(f"- data.{split}: {path}" + (f" ({count} examples)" if count is not None else ""))
+    lines += ["", "| arm | method | base model | steps | status |", "|---|---|---|---:|---|"]
+    stale = {p.split(":")[0].removesuffix(" (generation only)") for p in problems}
+    for arm in exp.arms:
+        cfg = plans[arm.name][0]
+        arm_dir = exp.output_dir / arm.name
+        status = ("stale" if arm.name in stale else "finished" if (arm_dir / "eval" / "metrics.json").is_file()
+                  else "in progress" if (arm_dir / "checkpoint-last").is_dir() else "to run")
+        base = f"arm {arm.base_model_from}" if arm.base_model_from else (
+            "from scratch" if cfg.model.init == "scratch" else cfg.model.name_or_path)
+        steps = "–" if cfg.method == "textual" else cfg.train.max_steps
+        lines.append(f"| {arm.name} | {cfg.method}{'' if arm.compare else ' (not compared)'} | {base} | {steps} "
+                     f"| {status} |")
+    if problems:
+        lines += ["", "Stale (finished with other settings; --rerun-stale reruns them): " + "; ".join(problems)]
+    return "\n".join(lines) + "\n"

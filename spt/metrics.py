@@ -55,26 +55,56 @@ def bleu(predictions: Sequence[str], references: Sequence[str], max_order: int =
     return BLEU(max_ngram_order=max_order).corpus_score(list(predictions), [list(references)]).score
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measures (rouge-score, with stemming), x100."""
+def bleu_stats(predictions: Sequence[str], references: Sequence[str]) -> list[list[int]]:
+    """sacreBLEU's sufficient statistics of each pair (hypothesis and reference length, matched and total
+    n-grams of each order): corpus BLEU is :func:`bleu_from_stats` of their sum (what sacreBLEU's own paired
+    bootstrap does), so a resample of examples is scored without tokenising again."""
+    from sacrebleu.metrics import BLEU
+
+    _check(predictions, references)
+    return [list(map(int, s)) for s in BLEU()._extract_corpus_statistics(list(predictions), [list(references)])]
+
+
+def bleu_from_stats(stats: Sequence[float]) -> float:
+    """Corpus BLEU of summed :func:`bleu_stats` rows (equal to :func:`bleu` of the same examples)."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU()._compute_score_from_stats([round(float(v)) for v in stats]).score
+
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measures (rouge-score, with stemming) of each pair, x100."""
     from rouge_score import rouge_scorer
 
     _check(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = Counter()
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    out: dict[str, list[float]] = {k: [] for k in ROUGE_KEYS}
     for p, r in zip(predictions, references, strict=True):
-        for name, s in scorer.score(r, p).items():
-            totals[name] += s.fmeasure
-    return {"rouge1": 100 * totals["rouge1"] / len(predictions), "rouge2": 100 * totals["rouge2"] / len(predictions),
-            "rougeL": 100 * totals["rougeL"] / len(predictions)}
+        scores = scorer.score(r, p)
+        for k in ROUGE_KEYS:
+            out[k].append(100 * scores[k].fmeasure)
+    return out
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures (rouge-score, with stemming), x100."""
+    return {k: sum(v) / len(v) for k, v in rouge_per_example(predictions, references).items()}
+
+
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The whitespace-token n-grams of one text, in order, repeats included (what DIST-n counts)."""
+    toks = text.split()
+    return [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
 
 
 def distinct(predictions: Sequence[str], n: int) -> float:
     """DIST-n over the whole prediction corpus: distinct n-grams / all n-grams, x100."""
     grams: Counter = Counter()
     for p in predictions:
-        toks = p.split()
-        grams.update(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+        grams.update(ngrams(p, n))
     total = sum(grams.values())
     return 100 * len(grams) / total if total else 0.0
 
@@ -140,7 +170,8 @@ def default_bertscore_model() -> tuple[str, int | None] | None:
 
 def bertscore(predictions: Sequence[str], references: Sequence[str], model: str | None = None,
               layers: int | None = None) -> dict:
-    """BERTScore P/R/F1 x100 with the model and layer recorded; {"skipped": reason} if unavailable."""
+    """BERTScore P/R/F1 x100 with the model and layer recorded, and each pair's F1 (``per_example_f1``, x100;
+    an empty side scores 0); {"skipped": reason} if unavailable."""
     try:
         from bert_score import BERTScorer
     except ImportError:
@@ -158,11 +189,14 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], model: str 
     # string under transformers 5, so those pairs are not sent to it).
     keep = [i for i, (p, r) in enumerate(zip(predictions, references, strict=True)) if p.strip() and r.strip()]
     totals = [0.0, 0.0, 0.0]
+    per_f1 = [0.0] * len(predictions)
     try:
         scorer = BERTScorer(model_type=model, num_layers=layers, lang="en")
         if keep:
             scores = scorer.score([predictions[i] for i in keep], [references[i] for i in keep])
             totals = [t.sum().item() for t in scores]
+            for i, v in zip(keep, scores[2].tolist(), strict=True):
+                per_f1[i] = 100 * v
     except (OSError, ValueError, KeyError) as e:
         if fallback is not None:
             log.warning("BERTScore: %s could not be loaded (%s); using the local %s instead", model,
@@ -171,7 +205,7 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], model: str 
         return {"skipped": f"BERTScore model {model!r} could not be loaded: {e}"}
     n = len(predictions)
     return {"precision": 100 * totals[0] / n, "recall": 100 * totals[1] / n, "f1": 100 * totals[2] / n,
-            "model": model, "layer": scorer.num_layers, "empty_pairs": n - len(keep)}
+            "model": model, "layer": scorer.num_layers, "empty_pairs": n - len(keep), "per_example_f1": per_f1}
 
 
 def _wordnet_source() -> Path | None:
@@ -227,7 +261,8 @@ def ensure_wordnet() -> str | None:
 
 
 def meteor(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """Mean NLTK METEOR x100, or {"skipped": reason} when WordNet data cannot be had."""
+    """Mean NLTK METEOR x100 and each pair's (``per_example``), or {"skipped": reason} when WordNet data
+    cannot be had."""
     try:
         from nltk.translate.meteor_score import meteor_score
     except ImportError:
@@ -236,10 +271,10 @@ def meteor(predictions: Sequence[str], references: Sequence[str]) -> dict:
     if reason:
         return {"skipped": reason}
     try:
-        total = sum(meteor_score([r.split()], p.split()) for p, r in zip(predictions, references, strict=True))
+        each = [100 * meteor_score([r.split()], p.split()) for p, r in zip(predictions, references, strict=True)]
     except LookupError as e:
         return {"skipped": f"WordNet data unusable: {e}"}
-    return {"meteor": 100 * total / len(predictions)}
+    return {"meteor": sum(each) / len(predictions), "per_example": each}
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

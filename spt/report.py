@@ -21,7 +21,9 @@ TABLE = [("n", "n"), ("f1", "F1"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("ro
          ("rougeL", "ROUGE-L"), ("bertscore_f1", "BERTScore"), ("dist1", "DIST-1"), ("dist2", "DIST-2"),
          ("meteor", "METEOR"), ("ppl", "PPL"), ("train_min", "train min")]
 LOWER_IS_BETTER = {"ppl"}
-NOT_QUALITY = {"n", "train_min"}  # shown in tables, left out of relative change and AVG
+NOT_QUALITY = {"n", "train_min"}  # shown in tables, left out of differences and AVG
+SKIPPED = {"bertscore_f1": "bertscore_skipped", "meteor": "meteor_skipped"}  # shown as n/a when skipped
+PER_EXAMPLE_KEY = "_per_example"  # compute_metrics -> write_report only; never in metrics.json
 
 
 MAX_TEXT_CHARS = 100_000  # a prediction or reference longer than this is refused (ROUGE alone takes ~2 s on it)
@@ -164,7 +166,9 @@ def compute_metrics(rows: list[dict], cfg: EvalConfig, K: int | None = None) -> 
     PPL is over the rows with a ``ref_nll``; rows without one (references spt generate could not score,
     e.g. longer than data.max_length, which training skips too) are left out, counted in ``ppl_unscored``
     and warned about. PPL is left out when no reference has tokens to score (never NaN). A ``prompt``
-    outside 0..K-1 is left out of the selection histogram and counted in ``selection_out_of_range``."""
+    outside 0..K-1 is left out of the selection histogram and counted in ``selection_out_of_range``.
+    Each row's METEOR and BERTScore F1 are under ``PER_EXAMPLE_KEY`` (:func:`write_report` moves them to
+    ``per_example.jsonl``, for bootstrap intervals: see :mod:`spt.bootstrap`)."""
     preds = [r["prediction"] for r in rows]
     refs = [r["reference"] for r in rows]
     out: dict = {"n": len(rows), **M.text_metrics(preds, refs)}
@@ -177,20 +181,26 @@ def compute_metrics(rows: list[dict], cfg: EvalConfig, K: int | None = None) -> 
             out["ppl_unscored"] = len(rows) - len(scored)
             log.warning("PPL is over %d of %d references: %d have no ref_nll (not scored by spt generate, e.g. "
                         "longer than data.max_length)", len(scored), len(rows), len(rows) - len(scored))
+    per_example: dict[str, list[float]] = {}  # kept in eval/per_example.jsonl for bootstrap intervals
     bs = M.bertscore(preds, refs, cfg.bertscore_model, cfg.bertscore_layers)
     if "skipped" in bs:
         out["bertscore_skipped"] = bs["skipped"]
-        log.warning("BERTScore skipped: %s", bs["skipped"])
+        log.warning("BERTScore skipped (n/a in the report): %s", bs["skipped"])
     else:
         out.update({"bertscore_p": bs["precision"], "bertscore_r": bs["recall"], "bertscore_f1": bs["f1"],
                     "bertscore_model": bs["model"], "bertscore_layer": bs["layer"]})
+        if "per_example_f1" in bs:
+            per_example["bertscore_f1"] = bs["per_example_f1"]
     if cfg.meteor:
         met = M.meteor(preds, refs)
         if "skipped" in met:
             out["meteor_skipped"] = met["skipped"]
-            log.warning("METEOR skipped: %s", met["skipped"])
+            log.warning("METEOR skipped (n/a in the report): %s", met["skipped"])
         else:
             out["meteor"] = met["meteor"]
+            if "per_example" in met:
+                per_example["meteor"] = met["per_example"]
+    out[PER_EXAMPLE_KEY] = per_example
     given = [r["prompt"] for r in rows if r.get("prompt") is not None]
     if given:
         K = K or max((p for p in given if p >= 0), default=-1) + 1
@@ -237,11 +247,24 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v))
 
 
-def metrics_table(named: list[tuple[str, dict]]) -> str:
-    cols = [(k, t) for k, t in TABLE if any(k in m for _, m in named)]
+def _cell(m: dict, key: str, boot=None, run: str = "") -> str:
+    """A table cell: the value (n/a for a metric that was skipped), with its confidence interval when
+    ``boot`` (a :class:`spt.bootstrap.Bootstrap`) has one, or [n/a] when it could not resample it."""
+    if key not in m and SKIPPED.get(key) in m:
+        return "n/a"
+    text = _fmt(m.get(key))
+    if boot is None or key in NOT_QUALITY or not isinstance(m.get(key), float):
+        return text
+    ci = boot.intervals.get(run, {}).get(key)
+    return f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{text} [n/a]"
+
+
+def metrics_table(named: list[tuple[str, dict]], boot=None) -> str:
+    """Runs side by side in the paper's layout; with ``boot``, each metric with its bootstrap interval."""
+    cols = [(k, t) for k, t in TABLE if any(k in m or SKIPPED.get(k) in m for _, m in named)]
     lines = ["| run | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in named:
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k, _ in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(m, k, boot, name) for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -389,6 +412,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_metrics_json(path: Path, metrics: dict) -> None:
     """metrics.json: strict JSON (non-finite values become null; ``allow_nan=False`` makes sure), atomically."""
+    metrics = {k: v for k, v in metrics.items() if k != PER_EXAMPLE_KEY}
     write_text_atomic(path, json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
 
 
@@ -407,9 +431,16 @@ def provenance_lines(info: dict | None) -> list[str]:
 
 def write_report(out_dir: Path, name: str, metrics: dict, rows: list[dict], run_dir: Path | None,
                  samples: int = 10) -> Path:
-    """Plots, report.md and metrics.json in ``out_dir``; metrics.json last, since its presence marks a
-    finished evaluation (spt experiment skips arms that have it)."""
+    """Plots, report.md, per_example.jsonl (what bootstrap intervals resample, see :mod:`spt.bootstrap`) and
+    metrics.json in ``out_dir``; metrics.json last, since its presence marks a finished evaluation (spt
+    experiment skips arms that have it)."""
+    from .bootstrap import PER_EXAMPLE_FILE, per_example_rows
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    cached = metrics.pop(PER_EXAMPLE_KEY, None) or {}
+    write_text_atomic(out_dir / PER_EXAMPLE_FILE, "".join(
+        json.dumps(json_safe(r, PER_EXAMPLE_FILE), ensure_ascii=False, allow_nan=False) + "\n"
+        for r in per_example_rows(rows, cached)))
     md = [f"# Evaluation: {name}", "", f"{metrics['n']} examples.", "", metrics_table([(name, metrics)]), ""]
     md += provenance_lines(metrics.get("provenance"))
     if "ppl_unscored" in metrics:
@@ -504,27 +535,102 @@ def comparability_warning(named: list[tuple[str, dict]]) -> str | None:
     return None
 
 
-def compare(named: list[tuple[str, dict]]) -> str:
-    """Runs side by side; then each run's relative change (%) from the first run, and their average (AVG)."""
+def compare(named: list[tuple[str, dict]], examples: list | None = None, resamples: int = 1000,
+            seed: int = 0) -> str:
+    """Runs side by side (Markdown); see :func:`compare_runs`."""
+    return compare_runs(named, examples, resamples, seed)[0]
+
+
+def compare_runs(named: list[tuple[str, dict]], examples: list | None = None, resamples: int = 1000,
+                 seed: int = 0) -> tuple[str, Any]:
+    """Runs side by side, and each run's difference from the first; returns (Markdown, the bootstrap).
+
+    ``examples[i]`` is run i's per-example data (:func:`spt.bootstrap.load_per_example`: a PerExample, or
+    why there is none). With them (and ``resamples`` >= 1) every metric gets a bootstrap confidence interval,
+    and every difference from the first run a paired test where both were evaluated on the same examples:
+    ``~`` marks a difference within noise (its 95% interval contains 0). Without them the values stand alone,
+    and the table says so. The bootstrap is None then."""
+    from .bootstrap import bootstrap
+
     if len(named) < 1:
         raise ValueError("nothing to compare")
-    table = metrics_table(named)
+    if resamples < 0:
+        raise ValueError(f"--bootstrap must be a number of resamples >= 0, got {resamples}")
+    boot = bootstrap(named, examples, resamples, seed) if examples is not None and resamples > 0 else None
     warning = comparability_warning(named)
+    md = []
     if warning:
         log.warning("%s", warning)
-        table = f"**{warning}**\n\n{table}"
+        md += [f"**{warning}**", ""]
+    md += [metrics_table(named, boot), ""]
+    if boot is not None:
+        md += [f"In brackets: {100 * boot.level:.0f}% bootstrap confidence interval ({boot.resamples} resamples of "
+               f"the evaluated examples, seed {boot.seed}; BLEU and DIST recomputed on each resample, PPL pooled "
+               "from the resampled references' NLLs, the other metrics averaged over the resampled examples)."]
+        missing = [f"{run}: " + "; ".join(sorted({why for why in reasons.values()}))
+                   for run, reasons in boot.no_interval.items()]
+        if missing:
+            md += ["[n/a]: no interval, since there is nothing to resample (" + " — ".join(missing) + ")."]
+        md += [""]
+    else:
+        md += ["*No confidence intervals: " + ("the bootstrap is off (--bootstrap 0)." if examples is not None
+               else "no per-example data was given.") + " Differences below may be noise.*", ""]
+    if len(named) > 1:
+        md += _differences(named, boot)
+    return "\n".join(md), boot
+
+
+def _differences(named: list[tuple[str, dict]], boot) -> list[str]:
+    """The difference table (each run minus the first) with the paired test's interval, verdict and p."""
     base_name, base = named[0]
     cols = [(k, t) for k, t in TABLE if k not in NOT_QUALITY and all(isinstance(m.get(k), float) for _, m in named)]
-    lines = ["", f"Relative change from {base_name} (%; for PPL a decrease counts as a gain):", "",
-             "| run | " + " | ".join(t for _, t in cols) + " | AVG |", "|---|" + "---:|" * (len(cols) + 1)]
+    paired = boot is not None and any(boot.diffs.values())
+    head = " | better | worse | within noise" if paired else ""
+    md = [f"Difference from {base_name} (run − {base_name}; for PPL lower is better)"
+          + (", paired bootstrap on the same resampled examples:" if paired else ":"), "",
+          "| run | " + " | ".join(t for _, t in cols) + head + " | AVG rel. % |",
+          "|---|" + "---:|" * (len(cols) + (3 if paired else 0) + 1)]
+    p_rows, untested = [], []
     for name, m in named[1:]:
-        rel = []
+        tests = boot.diffs.get(name, {}) if boot is not None else {}
+        cells, rel = [], []
         for k, _ in cols:
-            change = 100 * (m[k] - base[k]) / abs(base[k]) if base[k] else 0.0
+            diff = m[k] - base[k]
+            change = 100 * diff / abs(base[k]) if base[k] else 0.0
             rel.append(-change if k in LOWER_IS_BETTER else change)
+            t = tests.get(k)
+            cells.append(f"{diff:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}]" + (" ~" if t["within_noise"] else "")
+                         if t else f"{diff:+.2f}")
         avg = sum(rel) / len(rel) if rel else 0.0
-        lines.append(f"| {name} | " + " | ".join(f"{v:+.1f}" for v in rel) + f" | {avg:+.1f} |")
-    return table + ("\n" + "\n".join(lines) if len(named) > 1 else "") + "\n"
+        counts = ""
+        if paired:
+            verdicts = [t["verdict"] for t in tests.values() if t]
+            counts = " | " + " | ".join(str(verdicts.count(v)) if tests else "–"
+                                        for v in ("better", "worse", "within noise"))
+        md.append(f"| {name} | " + " | ".join(cells) + counts + f" | {avg:+.1f} |")
+        if tests:
+            p_rows.append(f"| {name} | " + " | ".join(_p(tests[k]["p"]) if k in tests else "–" for k, _ in cols) + " |")
+        elif boot is not None:
+            untested.append(f"{name}: {boot.unpaired.get(name, 'no per-example data')}")
+    md += [""]
+    if paired:
+        md += ["`[lo, hi]`: 95% interval of the difference over the paired resamples. `~` within noise: the "
+               "interval contains 0, so these runs do not differ beyond what resampling the examples gives. "
+               "better / worse: how many metrics differ beyond noise, in the metric's good or bad direction."]
+    if untested:
+        md += ["Not tested (no interval of the difference): " + "; ".join(untested) + "."]
+    md += ["AVG rel. %: the paper's average of the per-metric relative changes. It ignores noise and each "
+           "metric's scale (a BLEU move from 0.73 to 0.90 counts +24%), so read the differences and their "
+           "intervals first.", ""]
+    if p_rows:
+        md += ["p (two-sided): twice the share of resamples in which the difference has the other sign "
+               "(< 0.05 where the interval excludes 0, up to resampling error):", "",
+               "| run | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---:|" * len(cols), *p_rows, ""]
+    return md
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def load_run_metrics(path: str | Path) -> tuple[str, dict]:
@@ -535,9 +641,50 @@ def load_run_metrics(path: str | Path) -> tuple[str, dict]:
     raise FileNotFoundError(f"{path}: no eval/metrics.json (run spt eval on it first)")
 
 
-def comparison_figure(named: list[tuple[str, dict]], title: str = "Comparison"):
+def _yerr(named: list[tuple[str, dict]], keys: list[str], boot) -> list | None:
+    """Asymmetric error bars (below, above) of each bar from the bootstrap intervals; NaN where none."""
+    if boot is None:
+        return None
+    out = []
+    for name, m in named:
+        low, high = [], []
+        for k in keys:
+            ci = boot.intervals.get(name, {}).get(k)
+            low.append(max(0.0, m[k] - ci[0]) if ci else float("nan"))
+            high.append(max(0.0, ci[1] - m[k]) if ci else float("nan"))
+        out.append([low, high])
+    return out
+
+
+def load_runs(paths: list[str | Path]) -> tuple[list[tuple[str, dict]], list]:
+    """Each evaluated run's (name, metrics.json) and its per-example data (or why there is none), for
+    :func:`compare_runs`."""
+    from .bootstrap import load_per_example
+
+    named = [load_run_metrics(p) for p in paths]
+    return named, [load_per_example(p, m) for p, (_, m) in zip(paths, named, strict=True)]
+
+
+def _label_bars(ax, bars, labels: list[str], above: list[float] | None) -> None:
+    """Each bar's value, vertical: inside a tall bar, or above a short one's error bar (``above``: how far
+    each error bar reaches above its bar; NaN or None: no error bar)."""
+    tops = [bar.get_height() + (a if above and not math.isnan(a := above[i]) else 0.0) for i, bar in enumerate(bars)]
+    high = max([*tops, 1e-9])
+    ax.set_ylim(top=max(ax.get_ylim()[1], high * 1.2))  # room for the labels and a one-row legend
+    for bar, text, top in zip(bars, labels, tops, strict=True):
+        x, h = bar.get_x() + bar.get_width() / 2, bar.get_height()
+        if h > 0.2 * high:
+            ax.text(x, h / 2, text, rotation=90, ha="center", va="center", fontsize=6)
+        else:
+            ax.text(x, top + 0.01 * high, text, rotation=90, ha="center", va="bottom", fontsize=6)
+
+
+def comparison_figure(named: list[tuple[str, dict]], title: str = "Comparison", boot=None):
     """Left: the quality metrics (higher is better), one group per metric and one bar per run, each
-    labelled with its value; right: perplexity (lower is better). None when there is nothing to plot."""
+    labelled with its value; right: perplexity (lower is better). With ``boot`` (a
+    :class:`spt.bootstrap.Bootstrap`) every bar carries its bootstrap confidence interval as an error bar,
+    and a metric on which a run's difference from the first run is within noise is labelled with ``~``.
+    None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -545,42 +692,58 @@ def comparison_figure(named: list[tuple[str, dict]], title: str = "Comparison"):
 
     cols = [(k, t) for k, t in TABLE if k not in NOT_QUALITY | LOWER_IS_BETTER
             and all(isinstance(m.get(k), float) for _, m in named)]
-    ppl = [(name, m["ppl"]) for name, m in named if isinstance(m.get("ppl"), float)]
+    ppl = [(name, m) for name, m in named if isinstance(m.get("ppl"), float)]
     if not cols and not ppl:
         return None
+
+    def label(name: str, key: str, value: float, fmt: str) -> str:
+        test = boot.diffs.get(name, {}).get(key) if boot is not None else None
+        return fmt % value + ("~" if test and test["within_noise"] else "")
+
     panels = [p for p in (cols, ppl) if p]
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * len(cols) + 4, 4),
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * len(cols) + 4, 4.4),
                              gridspec_kw={"width_ratios": [max(1, len(cols)), 1.5][:len(panels)]}, squeeze=False)
     ax = axes[0][0]
     if cols:
         width = 0.8 / len(named)
+        errs = _yerr(named, [k for k, _ in cols], boot)
         for i, (name, m) in enumerate(named):
-            bars = ax.bar([j + i * width for j in range(len(cols))], [m[k] for k, _ in cols], width, label=name)
-            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+            bars = ax.bar([j + i * width for j in range(len(cols))], [m[k] for k, _ in cols], width, label=name,
+                          yerr=errs[i] if errs else None, capsize=2, error_kw={"elinewidth": 0.8})
+            _label_bars(ax, bars, [label(name, k, m[k], "%.1f") for k, _ in cols], errs[i][1] if errs else None)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))])
         ax.set_xticklabels([t for _, t in cols], fontsize=8)
         ax.set_ylabel("score (0-100)")
         ax.set_title("Quality (higher is better)")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0) if not ppl else (0.0, 1.0))
+        ax.legend(fontsize=7, loc="upper left", ncol=min(len(named), 6), framealpha=0.9)
         ax.grid(axis="y", alpha=0.3)
     if ppl:
         axp = axes[0][-1]
-        bars = axp.bar(range(len(ppl)), [v for _, v in ppl], color=[f"C{i}" for i in range(len(ppl))])
-        axp.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        errs = _yerr(ppl, ["ppl"], boot)
+        yerr = [[e[0][0] for e in errs], [e[1][0] for e in errs]] if errs else None
+        bars = axp.bar(range(len(ppl)), [m["ppl"] for _, m in ppl], color=[f"C{i}" for i in range(len(ppl))],
+                       yerr=yerr, capsize=3, error_kw={"elinewidth": 0.8})
+        _label_bars(axp, bars, [label(n, "ppl", m["ppl"], "%.2f") for n, m in ppl], yerr[1] if yerr else None)
         axp.set_xticks(range(len(ppl)))
         axp.set_xticklabels([n for n, _ in ppl], fontsize=7, rotation=30, ha="right")
         axp.set_ylabel("perplexity of the references")
         axp.set_title("PPL (lower is better)")
     fig.suptitle(title)
-    fig.tight_layout()
+    if boot is not None:
+        fig.text(0.01, 0.01, f"Error bars: {100 * boot.level:.0f}% bootstrap confidence intervals ({boot.resamples} "
+                 f"resamples of the evaluated examples). ~ after a value: its difference from {boot.base} is "
+                 "within noise (paired bootstrap).", fontsize=7, ha="left", va="bottom")
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
-def comparison_plot(named: list[tuple[str, dict]], path: Path, title: str = "Comparison") -> None:
+def comparison_plot(named: list[tuple[str, dict]], path: Path, title: str = "Comparison", boot=None) -> None:
     """Save :func:`comparison_figure` to ``path`` (nothing when there is nothing to plot)."""
     import matplotlib.pyplot as plt
 
-    fig = comparison_figure(named, title)
+    fig = comparison_figure(named, title, boot)
     if fig is None:
         return
     _savefig(fig, path)

@@ -48,6 +48,9 @@ def test_generate_eval_compare(trained, synth_dir, tmp_path, capsys):
         assert (trained / "eval" / name).stat().st_size > 100
     report = (trained / "eval" / "report.md").read_text()
     assert "| run | n | F1 | BLEU | ROUGE-1" in report and "## Samples" in report
+    assert "| BERTScore |" in report and "| n/a |" in report  # skipped, and the table says so
+    kept = [json.loads(line) for line in (trained / "eval" / "per_example.jsonl").read_text().splitlines()]
+    assert [(k["prediction"], k["ref_nll"]) for k in kept] == [(r["prediction"], r["ref_nll"]) for r in rows]
     assert "the retriever picked the best prompt for" in report and "![routing](routing.png)" in report
 
     other = tmp_path / "other.json"
@@ -55,7 +58,9 @@ def test_generate_eval_compare(trained, synth_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(trained), str(other), "--out", str(tmp_path / "cmp.md")]) == 0
     table = capsys.readouterr().out
-    assert "AVG" in table and "| other |" in table and (tmp_path / "cmp.md").read_text().strip() == table.strip()
+    assert "AVG rel. %" in table and "| other |" in table and (tmp_path / "cmp.md").read_text().strip() == table.strip()
+    assert f"| {trained.name} | 24 | {metrics['f1']:.2f} [" in table  # resampled from eval/per_example.jsonl
+    assert f"| other | 24 | {metrics['f1'] + 1:.2f} [n/a] |" in table  # a bare metrics.json: nothing to resample
 
 
 def test_python_api(trained):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +28,12 @@ arms:
     assert main(["experiment", "--config", str(exp), "--no-progress"]) == 0
     out = tmp_path / "out"
     table = (out / "comparison.md").read_text()
-    assert "| pt |" in table and "| spt |" in table and "base-lm" not in table and "AVG" in table
+    assert "| pt |" in table and "| spt |" in table and "base-lm" not in table and "AVG rel. %" in table
     assert (out / "comparison.png").stat().st_size > 100
+    boot = json.loads((out / "comparison.json").read_text())  # the intervals behind the table and the plot
+    assert boot["resamples"] == 1000 and boot["base"] == "pt" and set(boot["intervals"]) == {"pt", "spt"}
+    lo, hi = boot["intervals"]["pt"]["f1"]
+    assert f"[{lo:.2f}, {hi:.2f}]" in table and "f1" in boot["differences"]["spt"]
     assert len({json.loads(line)["dialogue_id"] for line in (out / "data" / "valid.jsonl").read_text().splitlines()}) \
         == 12
     timings = json.loads((out / "timings.json").read_text())
@@ -81,4 +86,89 @@ def test_bad_experiment_files(tmp_path):
         load_experiment(bad)
     bad.write_text("arms: [{name: a}]\nbogus: 1\n")
     with pytest.raises(ConfigError, match="unknown key"):
+        load_experiment(bad)
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_cpu_experiment_runs_on_the_demo_corpus_with_nothing_from_shared(tmp_path, monkeypatch, capsys):
+    """experiments/cpu-mini.yaml needs nothing outside a clone: the demo's synthetic corpus, split as the demo
+    splits it, and a base LM trained from scratch; --dry-run validates every arm without training."""
+    import dataclasses
+
+    from spt.demo import FULL, write_demo_data
+
+    monkeypatch.chdir(tmp_path)  # not the repository: no ../shared next to it
+    out = tmp_path / "cpu"
+    assert main(["experiment", "--config", str(EXPERIMENTS / "cpu-mini.yaml"), "--output-dir", str(out),
+                 "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    for arm, method in (("base-lm", "finetune (not compared)"), ("textual", "textual"), ("finetune", "finetune"),
+                        ("lora", "lora"), ("pt", "pt"), ("spt", "spt")):
+        assert f"| {arm} | {method} |" in plan
+    assert "| base-lm | finetune (not compared) | from scratch | 400 | to run |" in plan
+    assert "| spt | spt | arm base-lm | 300 | to run |" in plan and "shared" not in plan
+    assert not (out / "base-lm").exists()  # nothing trained
+    _, demo = write_demo_data(tmp_path / "demo", dataclasses.replace(FULL, base_dialogues=1), seed=0)
+    for split in ("train", "valid", "test"):  # the demo's own tuning data
+        assert (out / "data" / f"{split}.jsonl").read_bytes() == demo[split].read_bytes()
+        assert f"data.{split}: {out / 'data' / split}.jsonl" in plan
+    for name in ("cpu-mini", "routing-ablation-mini", "paper-opt125m"):  # every shipped file still loads
+        assert load_experiment(EXPERIMENTS / f"{name}.yaml").arms
+
+
+PERSONACHAT_LINES = """1 your persona: i read twenty books a year.
+2 your persona: i only eat kosher.
+3 hello what are doing today ?\ti am good , i just got off work .
+4 i just got done watching a horror movie\ti rather read , i've read about 20 books this year .
+1 your persona: i have two dogs.
+2 your persona: i love hiking.
+3 hi ! any pets ?\tyes , two dogs . we hike every weekend .
+4 where do you hike ?\tin the hills near my house .
+"""
+
+
+def test_experiment_data_option_takes_personachat_files_and_folders(synth_dir, tmp_path, capsys):
+    pc = tmp_path / "personachat"
+    pc.mkdir()
+    (pc / "valid_self_original_no_cands.txt").write_text(PERSONACHAT_LINES * 5)
+    exp, out = EXPERIMENTS / "cpu-mini.yaml", tmp_path / "out"
+    assert main(["experiment", "--config", str(exp), "--output-dir", str(out), "--dry-run"]) == 0
+    synthetic = (out / "data" / "train.jsonl").read_text()
+    capsys.readouterr()
+    # PersonaChat's valid file alone: split by dialogue, and the split is made again from it
+    assert main(["experiment", "--config", str(exp), "--output-dir", str(out), "--dry-run", "--data", str(pc)]) == 0
+    train = (out / "data" / "train.jsonl").read_text()
+    assert train != synthetic and "i read twenty books a year." in train + (out / "data" / "test.jsonl").read_text()
+    record = json.loads((out / "data" / "split.json").read_text())
+    assert record["source"] == str((pc / "valid_self_original_no_cands.txt").resolve())
+    assert record["fractions"] == {"train": 0.8, "valid": 0.1, "test": 0.1}
+    # train and valid files in a folder are used as they are; a file is split
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(exp), "--output-dir", str(out), "--dry-run",
+                 "--data", str(synth_dir)]) == 0
+    assert f"data.train: {synth_dir / 'train.jsonl'}" in capsys.readouterr().out
+    (pc / "train_self_original_no_cands.txt").write_text(PERSONACHAT_LINES)  # PersonaChat's train and valid
+    assert main(["experiment", "--config", str(exp), "--output-dir", str(out), "--dry-run", "--data", str(pc)]) == 0
+    assert f"data.train: {pc / 'train_self_original_no_cands.txt'}" in capsys.readouterr().out
+    assert main(["experiment", "--config", str(exp), "--output-dir", str(out), "--dry-run",
+                 "--data", str(pc / "train_self_original_no_cands.txt")]) == 0
+    assert json.loads((out / "data" / "split.json").read_text())["source"].endswith("train_self_original_no_cands.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["experiment", "--config", str(exp), "--output-dir", str(out), "--dry-run", "--data", str(empty)]) == 2
+    assert "no data found in this folder" in capsys.readouterr().err
+
+
+def test_bad_split_and_bootstrap_settings(tmp_path):
+    bad = tmp_path / "e.yaml"
+    bad.write_text("split: {source: a.txt, synth: {}}\narms: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="either source"):
+        load_experiment(bad)
+    bad.write_text("split: {synth: {}, fraction: x}\narms: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_experiment(bad)
+    bad.write_text("bootstrap: -1\narms: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="bootstrap"):
         load_experiment(bad)
