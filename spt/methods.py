@@ -130,6 +130,10 @@ class Method:
     def prepare(self, train_ds: EncodedDataset) -> None:
         """Data-dependent initialisation before the first step of a fresh run (not on resume)."""
 
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many target tokens the LM loss of ``batch`` averages over (data parallelism weights ranks by it)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def training_state(self) -> dict:
         """State outside the parameters and optimizer that an exact resume needs (in trainer_state)."""
         return {}
@@ -301,6 +305,11 @@ class LMMethod(Method):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = LMOnly(lm, cfg.baseline.loss_on if cfg.method == "finetune" else "response")
         self.model.train(self.trains)
+
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.model.loss_on == "all":  # every real token after the first is a target
+            return int((batch["attention_mask"][:, 1:] != 0).sum())
+        return super().loss_tokens(batch)
 
     def _with_lora(self, lm, checkpoint: Path | None):
         from peft import LoraConfig, PeftModel, get_peft_model

@@ -33,7 +33,7 @@ from .checkpoint import checkpoint_config, has_trainer_state, read_trainer_state
 from .config import Config, changed_settings, flatten, resolve_paths, show_change
 from .data import read_examples
 from .distributed import ShardedBatches
-from .format import IGNORE_INDEX, DialogueFormatter
+from .format import DialogueFormatter
 from .logger import MetricLogger
 from .methods import build_method
 
@@ -428,7 +428,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
                     with accelerator.accumulate(model):
                         with accelerator.autocast():  # the forward only; backward runs outside autocast
                             out = model(**method.model_inputs(batch, accelerator.device), persona_sim=sim)
-                        finite, scale = sync_step(out["loss"], batch["labels"], world)
+                        finite, scale = sync_step(out["loss"], method.loss_tokens(batch), world)
                         if finite:
                             bad_in_a_row = 0
                             accelerator.backward(out["loss"] * scale if world > 1 else out["loss"])
@@ -486,7 +486,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
     return result
 
 
-def sync_step(loss: torch.Tensor, labels: torch.Tensor, world: int) -> tuple[bool, float]:
+def sync_step(loss: torch.Tensor, tokens: int, world: int) -> tuple[bool, float]:
     """(whether every rank's loss is finite, this rank's loss scale), agreed by all ranks in one all-reduce.
 
     Every rank skips a step if any rank's loss is not finite (one rank stepping alone would deadlock).
@@ -496,8 +496,7 @@ def sync_step(loss: torch.Tensor, labels: torch.Tensor, world: int) -> tuple[boo
     bad = 0.0 if bool(torch.isfinite(loss).item()) else 1.0
     if world == 1:
         return bad == 0.0, 1.0
-    tokens = float((labels[:, 1:] != IGNORE_INDEX).sum())
-    total_tokens, total_bad = distributed.sum_across([tokens, bad])
+    total_tokens, total_bad = distributed.sum_across([float(tokens), bad])
     return total_bad == 0.0, tokens * world / max(total_tokens, 1.0)
 
 

@@ -68,19 +68,38 @@ def _train_in_process(args: list[str], out: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in built[0].model.named_parameters() if v.requires_grad}
 
 
+# Every method whose loss is the LM loss alone: SPT without its auxiliary losses and each baseline.
+EXACT_METHODS = ["spt", "pt", "lora", "finetune"]
+
+
 def test_two_processes_match_one_on_the_same_global_batch(tiny_lm_dir, synth_dir, tmp_path):
-    args = _args(tiny_lm_dir, synth_dir, *LM_ONLY)
-    torchrun(str(ROOT / "tests" / "helpers" / "ddp_train.py"), str(tmp_path / "ddp"), "--", *args)
-    rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
-    single = _train_in_process(args, tmp_path / "single")
-    assert rank0.keys() == rank1.keys() == single.keys() and "prompts" in rank0
-    for k in rank0:
-        assert torch.equal(rank0[k], rank1[k]), k  # the replicas agree bit for bit
-        # one process on the same global batch: equal up to float summation order
-        assert torch.allclose(rank0[k], single[k], rtol=0, atol=1e-6), (k, (rank0[k] - single[k]).abs().max())
-    config = load_config(TINY_CONFIG, parse_overrides([a for a in args if "=" in a]))
-    init = train_mod.build_method(config).model.prompts.detach()  # seeded: the prompts every run starts from
-    assert (init - single["prompts"]).abs().max() > 1e-4  # training moved them (by far more than the tolerance)
+    """SPT (LM loss only) and every trained baseline, in one launch: the two replicas agree bit for bit and
+    match one process on the same global batch to 1e-6 (float summation order)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm_dir = tmp_path / "lm-no-dropout"  # dropout draws different masks per rank than in one process
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    lm.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    lm.save_pretrained(lm_dir)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(lm_dir)
+    args = _args(lm_dir, synth_dir, *LM_ONLY, "--baseline.lora_dropout=0", "--baseline.loss_on=all")
+    torchrun(str(ROOT / "tests" / "helpers" / "ddp_train.py"), str(tmp_path / "ddp"),
+             ",".join([*EXACT_METHODS, "textual"]), "--", *args)
+    for method in EXACT_METHODS:
+        rank0, rank1 = (load_file(str(tmp_path / "ddp" / method / f"rank{r}.safetensors")) for r in (0, 1))
+        single = _train_in_process([*args, f"--method={method}"], tmp_path / "single" / method)
+        assert rank0.keys() == rank1.keys() == single.keys() and rank0, method
+        config = load_config(TINY_CONFIG, parse_overrides([a for a in args if "=" in a] + [f"--method={method}"]))
+        init = dict(train_mod.build_method(config).model.named_parameters())  # seeded: every run starts here
+        moved = 0.0
+        for k in rank0:
+            assert torch.equal(rank0[k], rank1[k]), (method, k)
+            assert torch.allclose(rank0[k], single[k], rtol=0, atol=1e-6), (method, k,
+                                                                              (rank0[k] - single[k]).abs().max())
+            moved = max(moved, float((init[k].detach() - single[k]).abs().max()))
+        assert moved > 1e-4, method  # training moved the weights, by far more than the tolerance
+    summary = json.loads((tmp_path / "ddp" / "textual" / "run" / "train_summary.json").read_text())
+    assert summary["step"] == 0 and summary["best_val_loss"] > 0  # textual trains nothing; validation ran sharded
 
 
 def _metric_steps(run: Path, split: str) -> list[int]:
