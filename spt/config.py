@@ -175,7 +175,10 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
     log_every: int = 10  # optimizer steps between training log rows (metrics.csv)
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
-    chunk_size: int | None = None  # max (prompt, example) rows per LM forward; None: all K*B at once
+    # max (prompt, example) rows per LM forward; None: all K*B at once; auto: as many as fit in the free memory
+    # (GPU, or the RAM available to a CPU run), estimated per batch from its length and the model's shape.
+    # Chunking never changes results; it bounds the forward's peak, not the activations kept for the backward
+    chunk_size: int | Literal["auto"] | None = None
     group_by_length: bool = True  # batch similar lengths together (less padding)
     eval_batch_size: int = 16  # examples per forward in validation
 
@@ -313,11 +316,12 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     for name, value in {"spt.retriever_lr": cfg.spt.retriever_lr, "train.max_steps": cfg.train.max_steps,
-                        "train.chunk_size": cfg.train.chunk_size,
                         "data.max_train_examples": cfg.data.max_train_examples,
                         "data.max_valid_examples": cfg.data.max_valid_examples}.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be > 0 or null, got {value}")
+    if isinstance(cfg.train.chunk_size, int) and cfg.train.chunk_size <= 0:
+        raise ConfigError(f"train.chunk_size must be > 0, auto or null, got {cfg.train.chunk_size}")
     if cfg.generate.max_new_tokens >= cfg.data.max_length:
         raise ConfigError(f"generate.max_new_tokens ({cfg.generate.max_new_tokens}) must be smaller than "
                           f"data.max_length ({cfg.data.max_length}): the reply's input needs room too")

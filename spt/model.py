@@ -7,9 +7,12 @@ padded only to the batch's longest example, and the LM head runs only at respons
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +68,8 @@ def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: 
     vocabulary projection at N response positions instead of every position is most of the saving
     over a plain forward for short responses."""
     kwargs = {"position_ids": position_ids} if pass_positions and position_ids is not None else {}
-    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           **kwargs).last_hidden_state  # (R, T, d)
+    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs,
+                           **no_cache(lm.base_model)).last_hidden_state  # (R, T, d)
     targets = labels[:, 1:]
     sel = targets != IGNORE_INDEX  # predict token t + 1 from position t
     head = lm.get_output_embeddings()
@@ -87,6 +90,102 @@ def response_token_example(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     number of response tokens per example (B,), matching the order ``response_logits`` returns."""
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
     return torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), counts), counts
+
+
+# --- train.chunk_size: auto -------------------------------------------------------------------------
+
+AUTO_CHUNK_SAFETY = 0.5  # of the free memory, the share ``auto`` plans to fill; the rest is left to everything else
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory this process may still allocate on ``device``, in bytes; None when it cannot be read.
+
+    cuda: free device memory plus what PyTorch's caching allocator holds unused. cpu: MemAvailable from
+    /proc/meminfo, capped by the cgroup's memory limit minus its usage where one is set (containers)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    if match is None:
+        return None
+    available = int(match.group(1)) * 1024
+    cgroups = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2, then v1
+               ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+    for limit, usage in cgroups:
+        try:
+            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and used.isdigit() and int(cap) < 2**60:
+            available = min(available, max(0, int(cap) - int(used)))
+        break
+    return available
+
+
+def row_memory(lm: nn.Module, tokens: int, responses: int, training: bool) -> tuple[int, int]:
+    """Rough activation memory of one LM row of ``tokens`` positions with ``responses`` of them scored, in bytes:
+    (kept until the backward whatever the chunk, needed only while the row's chunk runs its forward).
+
+    From the config's width d, layers L, heads H, FFN width f and vocabulary V, at the LM's parameter width
+    (4 bytes for fp32 weights, which also covers bf16 autocast's fp32 layer norms and residuals):
+    a layer keeps ~12d + 3f values per token for its backward (+ H*T per token for eager attention's
+    probabilities), its forward briefly holds ~6d + 2f per token plus H*T^2 attention scores (a math-SDPA
+    fallback), and the fp32 head holds logits, log-probabilities and their gradient (3V per scored position).
+    Meant to err on the large side (measured: ~1.5x an OPT-125M step's real peak)."""
+    c = lm.config
+    d = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0) or 768)
+    L = int(getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0) or 12)
+    H = int(getattr(c, "num_attention_heads", 0) or getattr(c, "n_head", 0) or 12)
+    f = int(getattr(c, "intermediate_size", 0) or getattr(c, "ffn_dim", 0) or getattr(c, "n_inner", 0) or 4 * d)
+    V = int(getattr(c, "vocab_size", 0) or 50_000)
+    width = max(getattr(lm, "dtype", torch.float32).itemsize, 2)
+    T = tokens
+    eager = getattr(c, "_attn_implementation", "sdpa") == "eager"
+    layer_kept = (12 * d + 3 * f + (H * T if eager else 0)) * T * width
+    transient = ((6 * d + 2 * f) * T + H * T * T) * width + 3 * V * responses * 4
+    if not training:
+        return V * responses * 4, transient  # only the returned logits outlive the forward
+    if activation_checkpointing(lm):  # layers keep their inputs; each recomputes its activations in the backward
+        return L * d * T * width + 2 * V * responses * 4, transient + layer_kept
+    return L * layer_kept + 2 * V * responses * 4, transient
+
+
+def auto_chunk_rows(lm: nn.Module, rows: int, tokens: int, responses_per_row: int, device: torch.device,
+                    training: bool) -> int:
+    """Rows per LM forward for ``train.chunk_size: auto``: as many as fit in AUTO_CHUNK_SAFETY of the free
+    memory after what every row keeps for the backward anyway; at least 1; all ``rows`` when memory cannot be
+    read. Chunking never changes results, only the peak of one forward."""
+    free = free_memory_bytes(device)
+    if free is None:
+        log.debug("train.chunk_size auto: free memory on %s unknown; all %d rows in one forward", device, rows)
+        return rows
+    kept, transient = row_memory(lm, tokens, responses_per_row, training)
+    budget = AUTO_CHUNK_SAFETY * free - kept * rows
+    chunk = int(min(rows, max(1, budget // max(transient, 1))))
+    log.debug("train.chunk_size auto: %d of %d rows per forward (%d tokens, %.0f MiB free, ~%.1f MiB kept and "
+              "~%.1f MiB transient per row)", chunk, rows, tokens, free / 2**20, kept / 2**20, transient / 2**20)
+    if budget <= 0:
+        log.debug("train.chunk_size auto: what all %d rows keep for the backward (~%.0f MiB) exceeds the budget; "
+                  "chunking cannot lower it: enable model.gradient_checkpointing or lower train.batch_size",
+                  rows, kept * rows / 2**20)
+    return chunk
+
+
+@functools.cache
+def _takes_use_cache(forward_owner: type) -> bool:
+    return "use_cache" in inspect.signature(forward_owner.forward).parameters
+
+
+def no_cache(body: nn.Module) -> dict:
+    """``{"use_cache": False}`` for a body that takes it. A training or scoring forward never reuses a KV cache,
+    but HF bodies build one by default (config.use_cache) and copy every layer's keys and values into it: on
+    OPT-125M that was ~3% of a bf16 training step and 0.4 GB at 32 rows x 179 tokens."""
+    return {"use_cache": False} if _takes_use_cache(type(body)) else {}
 
 
 def activation_checkpointing(lm: nn.Module) -> bool:
@@ -151,7 +250,7 @@ class SPTModel(nn.Module):
         self._takes_positions = takes_position_ids(lm)
         # average routing over recent training batches, for the load-balance loss (not saved)
         self.register_buffer("route_avg", torch.full((cfg.K,), 1.0 / cfg.K), persistent=False)
-        self.chunk_size: int | None = None
+        self.chunk_size: int | str | None = None  # train.chunk_size: rows per LM forward, None (all) or "auto"
         # (features (B, d), target q (K, B)) of recent training batches for the selection loss (not saved)
         self._replay: collections.deque = collections.deque(maxlen=max(1, cfg.sel_replay))
 
@@ -195,7 +294,8 @@ class SPTModel(nn.Module):
             return (self.embed(input_ids) if token_embeds is None else token_embeds), query_mask
         with torch.no_grad():
             kwargs = {"position_ids": (query_mask.cumsum(1) - 1).clamp(min=0)} if self._takes_positions else {}
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=query_mask, **kwargs).last_hidden_state
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=query_mask, **kwargs,
+                                        **no_cache(self.lm.base_model)).last_hidden_state
         T = query_mask.shape[1]
         last = T - 1 - query_mask.flip(1).argmax(1)  # (B,) index of the last query token
         return hidden.detach(), F.one_hot(last, T).to(query_mask.dtype)
@@ -246,10 +346,26 @@ class SPTModel(nn.Module):
         reps = prompt_idx.shape[0] // B
         rows = self.prompts[prompt_idx]  # (R, n, d)
         E, mask, labels = (x.repeat(reps, *[1] * (x.dim() - 1)) for x in (E, attention_mask, labels))
-        step = self.chunk_size or rows.shape[0]
-        outs = [self._response_logits(rows[i:i + step], E[i:i + step], mask[i:i + step], labels[i:i + step])
-                for i in range(0, rows.shape[0], step)]
+        step = self.rows_per_forward(rows.shape[0], mask.shape[1] + rows.shape[1], labels)
+        try:
+            outs = [self._response_logits(rows[i:i + step], E[i:i + step], mask[i:i + step], labels[i:i + step])
+                    for i in range(0, rows.shape[0], step)]
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(
+                f"out of memory in the LM forward of {step} (prompt, example) rows of {mask.shape[1]} tokens "
+                f"(train.chunk_size={self.chunk_size!r}): lower train.chunk_size (rows per forward, e.g. "
+                f"--train.chunk_size={max(1, step // 2)}), or train.batch_size, or enable "
+                f"model.gradient_checkpointing. {e}") from e
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def rows_per_forward(self, rows: int, tokens: int, labels: torch.Tensor) -> int:
+        """The chunk for R rows of ``tokens`` positions (prompt included): train.chunk_size, all rows when it is
+        None, and for "auto" what fits in free memory (``auto_chunk_rows``), decided per batch."""
+        if self.chunk_size != "auto":
+            return int(self.chunk_size or rows)
+        responses = int((labels[:, 1:] != IGNORE_INDEX).sum(1).max()) if labels.numel() else 0
+        training = torch.is_grad_enabled() and self.prompts.requires_grad
+        return auto_chunk_rows(self.lm, rows, tokens, responses, labels.device, training)
 
     # --- all K x B pairs -------------------------------------------------------------------------
 

@@ -96,7 +96,8 @@ RUN_FILES = ("checkpoint-last", "checkpoint-best", "metrics.csv", "tb", "train_s
 RESUMABLE = {"model.name_or_path", "model.tokenizer", "data.valid", "data.test", "data.max_valid_examples",
              "train.lr", "train.weight_decay", "train.epochs", "train.max_steps", "train.warmup_steps",
              "train.scheduler", "train.max_grad_norm", "train.eval_every", "train.log_every",
-             "train.max_bad_steps", "train.eval_batch_size", "train.mixed_precision", "spt.retriever_lr",
+             "train.max_bad_steps", "train.eval_batch_size", "train.mixed_precision", "train.chunk_size",
+             "spt.retriever_lr",
              "spt.lambda_llm", "spt.lambda_sel", "spt.lambda_fus", "spt.lambda_ctr", "spt.lambda_bal",
              "spt.tau_gold", "spt.tau_sim", "spt.sel_noise_sigma", "spt.selection_noise", "spt.ctr_bleu_threshold"}
 RESUMABLE_SECTIONS = ("generate.", "eval.", "serve.")
