@@ -354,12 +354,7 @@ def read_peft_prompt(folder: str | Path, n: int | None = None, d: int | None = N
         raise FileNotFoundError(f"{folder}: no such adapter folder")
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path}: not a JSON adapter config ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: not a JSON object")
+    config = _read_json_object(config_path, "a JSON adapter config")
     peft_type = config.get("peft_type")
     if peft_type != "PROMPT_TUNING":
         raise ValueError(f"{config_path}: peft_type is {peft_type!r}; only prompt-tuning adapters "
@@ -466,11 +461,8 @@ def load_exported(folder: str | Path, lm) -> ExportedBank:
     path = folder / EXPORT_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: not an spt export (no {EXPORT_JSON})")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    info = _read_json_object(path, "an spt export")
+    if info.get("format") != FORMAT:
         raise ValueError(f"{path}: not an spt export (format is not {FORMAT!r})")
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {info.get('format_version')} is newer than this spt reads "
@@ -498,3 +490,14 @@ def load_exported(folder: str | Path, lm) -> ExportedBank:
         model.prompts.copy_(bank)
     model.load_state_dict(state, strict=False)
     return ExportedBank(model.eval(), info)
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; a one-line ValueError naming the file when it is not ``what``."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not {what} (unreadable JSON: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not {what} (not a JSON object)")
+    return obj
