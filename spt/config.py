@@ -266,8 +266,10 @@ def resolve_paths(cfg: Config) -> Config:
 
     data = {f: absolute(getattr(cfg.data, f)) for f in ("train", "valid", "test")}
     model = {f: absolute(getattr(cfg.model, f)) for f in ("name_or_path", "tokenizer")}
+    adapters = [absolute(p) for p in cfg.spt.init_from_peft]  # the bank's origin, recorded usably
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data),
-                               model=dataclasses.replace(cfg.model, **model))
+                               model=dataclasses.replace(cfg.model, **model),
+                               spt=dataclasses.replace(cfg.spt, init_from_peft=adapters))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

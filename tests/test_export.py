@@ -356,6 +356,17 @@ def test_init_from_k_adapters_is_bit_identical(spt_export, tiny_lm_dir, synth_di
     assert torch.equal(bank_at_start[1], exported)
 
 
+
+def test_init_from_peft_records_absolute_paths(spt_export, tiny_lm_dir, synth_dir, tmp_path, monkeypatch):
+    """config.yaml names the adapters by absolute path, like the data and the model: usable from anywhere."""
+    import yaml
+
+    monkeypatch.chdir(spt_export)
+    _train(tiny_lm_dir, synth_dir, tmp_path / "run", "--spt.init_from_peft=prompt-0", "--train.max_steps=1")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["spt"]["init_from_peft"] == [str((spt_export / "prompt-0").resolve())]
+
+
 def test_init_from_one_adapter_fills_every_slot_then_prompts_specialise(spt_export, tiny_lm_dir, synth_dir,
                                                                         tmp_path, bank_at_start):
     adapter = spt_export / "prompt-1"
