@@ -54,11 +54,7 @@ def barrier() -> None:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (e.g. a Ctrl-C seen by one rank, a non-finite loss)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return sum_across([1.0 if flag else 0.0])[0] > 0
 
 
 def sum_across(values: Sequence[float]) -> list[float]:

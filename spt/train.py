@@ -368,9 +368,9 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
 
     if main:
         cfg.save(output_dir / "config.yaml")  # what runs, including the fields a resume changed
-    if state is not None and main:
-        truncate_metrics(output_dir, step)
-    metrics = MetricLogger(output_dir) if accelerator.is_main_process else None
+        if state is not None:
+            truncate_metrics(output_dir, step)
+    metrics = MetricLogger(output_dir) if main else None
 
     def save(name: str, with_state: bool) -> None:
         gathered = {}
@@ -379,8 +379,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
                                     f"trainable parameters at step {step}")
         elif world > 1:  # FSDP / DeepSpeed shard the parameters: every rank takes part in gathering them
             full = accelerator.get_state_dict(model)
-            gathered = {"tensors": {k: v for k, v in full.items() if not k.startswith("lm.")}} if main else {}
-        if not accelerator.is_main_process:
+            gathered = {"tensors": {k: v for k, v in full.items() if not k.startswith("lm.")}}
+        if not main:
             return
         trainer_state = None
         if with_state:
@@ -405,7 +405,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
             save("checkpoint-best", with_state=False)
 
     bad_in_a_row = 0
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or not accelerator.is_main_process,
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or not main,
                dynamic_ncols=True)
     eval_every = cfg.train.eval_every or steps_per_epoch
 
@@ -481,7 +481,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | Path | None, progress: b
                 metrics.close()
     result = TrainResult(output_dir, step, best, history, time.time() - start)
     distributed.barrier()  # the last checkpoint is on disk before any rank returns
-    if accelerator.is_main_process:
+    if main:
         summary = {"step": step, "best_val_loss": best, "seconds": round(result.seconds, 2), "history": history}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return result

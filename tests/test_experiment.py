@@ -76,16 +76,18 @@ arms:
     assert not (tmp_path / "out" / "first").exists()  # nothing ran
 
 
-def test_bad_experiment_files(tmp_path):
+@pytest.mark.parametrize("text, error", [
+    ("arms: [{name: a, base_model_from: b}, {name: b}]\n", "must name an earlier arm"),
+    ("arms: []\n", "at least one arm"),
+    ("arms: [{name: a}]\nbogus: 1\n", "unknown key"),
+    ("split: {source: a.txt, synth: {}}\narms: [{name: a}]\n", "either source"),
+    ("split: {synth: {}, fraction: x}\narms: [{name: a}]\n", "unknown key"),
+    ("bootstrap: -1\narms: [{name: a}]\n", "bootstrap"),
+])
+def test_bad_experiment_files(tmp_path, text, error):
     bad = tmp_path / "e.yaml"
-    bad.write_text("arms: [{name: a, base_model_from: b}, {name: b}]\n")
-    with pytest.raises(ConfigError, match="must name an earlier arm"):
-        load_experiment(bad)
-    bad.write_text("arms: []\n")
-    with pytest.raises(ConfigError, match="at least one arm"):
-        load_experiment(bad)
-    bad.write_text("arms: [{name: a}]\nbogus: 1\n")
-    with pytest.raises(ConfigError, match="unknown key"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=error):
         load_experiment(bad)
 
 
@@ -161,14 +163,3 @@ def test_experiment_data_option_takes_personachat_files_and_folders(synth_dir, t
     assert "no data found in this folder" in capsys.readouterr().err
 
 
-def test_bad_split_and_bootstrap_settings(tmp_path):
-    bad = tmp_path / "e.yaml"
-    bad.write_text("split: {source: a.txt, synth: {}}\narms: [{name: a}]\n")
-    with pytest.raises(ConfigError, match="either source"):
-        load_experiment(bad)
-    bad.write_text("split: {synth: {}, fraction: x}\narms: [{name: a}]\n")
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_experiment(bad)
-    bad.write_text("bootstrap: -1\narms: [{name: a}]\n")
-    with pytest.raises(ConfigError, match="bootstrap"):
-        load_experiment(bad)
