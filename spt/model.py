@@ -59,6 +59,16 @@ def splice(prompt_embeds: torch.Tensor, token_embeds: torch.Tensor, attention_ma
     return Spliced(embeds, mask, position_ids, spliced_labels)
 
 
+def causal_suffices(attention_mask: torch.Tensor) -> bool:
+    """True when no row has padding before a real token (every row unpadded or right-padded, as training
+    batches are). Then causal attention alone keeps every real token from seeing padding, and positions count
+    from 0 either way, so the LM can run without a mask: SDPA takes its ``is_causal`` path (flash attention
+    skips the masked half of the score blocks instead of computing and then masking them). Padding
+    positions' outputs change, but no loss reads them and no real position attends to them."""
+    m = attention_mask.bool()
+    return bool(m[:, 0].all() and (m[:, :-1] | ~m[:, 1:]).all())
+
+
 def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor | None, labels: torch.Tensor, pass_positions: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +78,8 @@ def response_logits(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: 
     vocabulary projection at N response positions instead of every position is most of the saving
     over a plain forward for short responses."""
     kwargs = {"position_ids": position_ids} if pass_positions and position_ids is not None else {}
-    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs,
+    mask = None if causal_suffices(attention_mask) else attention_mask
+    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs,
                            **no_cache(lm.base_model)).last_hidden_state  # (R, T, d)
     targets = labels[:, 1:]
     sel = targets != IGNORE_INDEX  # predict token t + 1 from position t
@@ -294,7 +305,8 @@ class SPTModel(nn.Module):
             return (self.embed(input_ids) if token_embeds is None else token_embeds), query_mask
         with torch.no_grad():
             kwargs = {"position_ids": (query_mask.cumsum(1) - 1).clamp(min=0)} if self._takes_positions else {}
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=query_mask, **kwargs,
+            mask = None if causal_suffices(query_mask) else query_mask
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=mask, **kwargs,
                                         **no_cache(self.lm.base_model)).last_hidden_state
         T = query_mask.shape[1]
         last = T - 1 - query_mask.flip(1).argmax(1)  # (B,) index of the last query token

@@ -10,7 +10,7 @@ from spt.batching import EncodedDataset, PersonaSimilarity, collate
 from spt.config import SPTConfig
 from spt.data.synth import synth_examples
 from spt.format import IGNORE_INDEX, DialogueFormatter
-from spt.model import SPTModel, splice
+from spt.model import SPTModel, causal_suffices, splice
 from spt.retriever import Retriever
 
 
@@ -115,6 +115,47 @@ def test_batched_k_prompt_forward_equals_separate_forwards(kind, tiny_tokenizer)
                 ref = F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX)
                 assert L[k, b].item() == pytest.approx(ref.item(), abs=1e-5)
     assert torch.allclose(L, L_chunked, atol=1e-5)
+
+
+def test_causal_suffices_only_without_padding_before_a_real_token():
+    assert causal_suffices(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))  # right-padded
+    assert not causal_suffices(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left-padded (generation)
+    assert not causal_suffices(torch.tensor([[1, 0, 1]]))  # a hole
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "llama"])
+def test_dropping_the_mask_of_right_padded_rows_changes_no_loss_or_gradient(kind, tiny_tokenizer, monkeypatch):
+    """Training rows run without an attention mask (causal attention alone hides right padding); the losses
+    and every trainable gradient equal those of the masked forward."""
+    import spt.model as spt_model
+
+    lm = make_tiny_lm(kind, len(tiny_tokenizer))
+    model = SPTModel(lm, SPTConfig(K=3, num_virtual_tokens=4), seed=1)
+    batch = _batch(tiny_tokenizer)
+    assert (batch["attention_mask"] == 0).any()  # the rows really are padded
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "query_mask")}
+    seen = []
+    forward = lm.base_model.forward
+    monkeypatch.setattr(lm.base_model, "forward",
+                        lambda *a, **kw: seen.append(kw["attention_mask"]) or forward(*a, **kw))
+
+    def run():
+        out = model(**inputs)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out, grads
+
+    out, grads = run()
+    assert seen[-1] is None
+    monkeypatch.setattr(spt_model, "causal_suffices", lambda mask: False)
+    ref, ref_grads = run()
+    assert seen[-1] is not None
+    for key in ("loss", "llm", "sel", "fus"):
+        assert out[key].item() == pytest.approx(ref[key].item(), abs=1e-6)
+    assert set(grads) == set(ref_grads) and "prompts" in grads
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], atol=1e-6), name
 
 
 @pytest.mark.parametrize("recipe", ["paper", "routed"])
