@@ -2,6 +2,7 @@
 (serve.max_batch=1) against on, over real HTTP to uvicorn on loopback.
 
 Run: python bench/serve_load.py RUN [--requests 64] [--clients 1,8,32] [--max-batch 32] [--max-tokens 32]
+                                    [--prefill-precision fp32|bf16]
 
 RUN is a trained run or checkpoint folder of any method; the script trains nothing. To make one with the
 shared small model (../shared/models/persona-gpt-mini, the config's base model) in a few minutes on CPU:
@@ -96,11 +97,14 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=5.0, help="serve.batch_window_ms with batching on")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-seconds", type=float, default=120.0, help="stop starting requests after this long")
+    ap.add_argument("--prefill-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="generate.prefill_precision, the same in both modes")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     clients = [int(c) for c in args.clients.split(",")]
     bot = load(args.run, args.device)
+    bot.config.generate = dataclasses.replace(bot.config.generate, prefill_precision=args.prefill_precision)
     data = examples(args.requests)
     bodies = [{"persona": list(e.persona), "max_tokens": args.max_tokens,
                "messages": [{"role": "user" if (len(e.context) - i) % 2 else "assistant", "content": t}
@@ -123,7 +127,7 @@ def main() -> None:
                 print(f"  batching {mode:<3} clients {c:>3}: {r['requests']} requests in {r['seconds']:.1f}s",
                       flush=True)
     print(f"\nrun={args.run} method={bot.config.method} max_tokens={args.max_tokens} requests={args.requests} "
-          f"max_batch={args.max_batch} window={args.window_ms:g}ms")
+          f"max_batch={args.max_batch} window={args.window_ms:g}ms prefill={args.prefill_precision}")
     print("\n| batching | clients | requests | errors | req/s | tokens/s | p50 s | p95 s | generate calls |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (mode, c), r in results.items():

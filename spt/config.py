@@ -196,6 +196,10 @@ class GenerateConfig:
     no_repeat_ngram_size: int = 0  # the paper's chat: 4 (with num_beams 10)
     stop: list[str] = field(default_factory=lambda: ["Q:", "R:", "\n", ":"])  # cut the reply at the first
     seed: int = 0  # seed of sampling
+    # precision of the input (prefill) forward: "fp32" (the LM's own), or "bf16" (autocast; decoding stays in the
+    # LM's precision). bf16 makes large batches (spt serve) much cheaper on GPUs and AMX CPUs; a reply can differ
+    # from fp32's where two next tokens are near-tied. Beam search always prefills in the LM's precision.
+    prefill_precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass

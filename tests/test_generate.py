@@ -113,3 +113,74 @@ def test_max_new_tokens_that_leaves_no_room_is_a_clear_error(tiny_tokenizer):
     model, fmt = _setup(tiny_tokenizer, K=2)
     with pytest.raises(ValueError, match=r"generate\.max_new_tokens=199 leaves no room"):
         generate_spt(model, tiny_tokenizer, fmt, synth_examples(1, seed=1)[:1], GenerateConfig(max_new_tokens=199))
+
+
+def _left_padded(tiny_tokenizer, n=5):
+    from spt.generate import left_pad
+
+    fmt = DialogueFormatter(tiny_tokenizer, max_length=200)
+    rows = [fmt.encode_prompt(e.persona, e.context) for e in synth_examples(3, seed=2)[:n]]
+    assert len({len(r) for r in rows}) > 1
+    return left_pad(rows, tiny_tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "llama"])
+def test_growing_cache_generates_what_transformers_own_cache_does(kind, tiny_tokenizer, monkeypatch):
+    """The in-place KV cache gives the tokens transformers' concatenating cache gives, for greedy, beam search
+    (which reorders the cache) and seeded sampling, and greedy decoding allocates each layer's buffer once."""
+    from spt.generate import GrowingLayer, generation_kwargs, lm_generate
+
+    lm = make_tiny_lm(kind, len(tiny_tokenizer))
+    ids, mask = _left_padded(tiny_tokenizer)
+    buffers = []
+    update = GrowingLayer.update
+    monkeypatch.setattr(GrowingLayer, "update", lambda self, *a, **k: (update(self, *a, **k), buffers.append(
+        (id(self), self._k.data_ptr())))[0])
+    for options in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 20}):
+        cfg = GenerateConfig(max_new_tokens=10, **options)
+        kw = generation_kwargs(cfg, tiny_tokenizer)
+        torch.manual_seed(0)
+        reference = lm.generate(input_ids=ids, attention_mask=mask, **kw)
+        buffers.clear()
+        torch.manual_seed(0)
+        ours = lm_generate(lm, cfg, kw, mask, input_ids=ids)
+        assert torch.equal(ours, reference), options
+        assert len(buffers) >= 2 * 10  # every layer's update went through the growing cache
+        if not options:  # one buffer per layer for the whole call
+            assert len(set(buffers)) == 2
+
+
+def test_bf16_prefill_fills_the_cache_in_the_lms_precision(tiny_tokenizer, monkeypatch):
+    from spt.generate import generation_kwargs, lm_generate
+
+    lm = make_tiny_lm("llama", len(tiny_tokenizer))
+    ids, mask = _left_padded(tiny_tokenizer)
+    calls = []
+    forward = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda *a, **k: calls.append(
+        (torch.is_autocast_enabled("cpu"), k["cache"].layers[0].keys.dtype if k["cache"].layers else None,
+         (k.get("input_ids") if k.get("input_ids") is not None else k["inputs_embeds"]).shape[1])) or forward(*a, **k))
+    logits = {}
+    for precision in ("fp32", "bf16"):
+        cfg = GenerateConfig(max_new_tokens=2, prefill_precision=precision)
+        kw = {**generation_kwargs(cfg, tiny_tokenizer), "output_logits": True, "return_dict_in_generate": True}
+        calls.clear()
+        logits[precision] = lm_generate(lm, cfg, kw, mask, input_ids=ids).logits[0]
+        if precision == "bf16":  # the prefill under autocast, then the last input position and one new token
+            assert [c[0] for c in calls] == [True, False, False]
+            assert calls[0][2] == ids.shape[1] - 1 and calls[1][1] == torch.float32
+        else:
+            assert not any(c[0] for c in calls) and calls[0][2] == ids.shape[1]
+    diff = (logits["bf16"] - logits["fp32"]).abs().max().item()
+    assert 0 < diff < 0.05 * logits["fp32"].abs().max().item()
+
+
+def test_models_with_sliding_windows_keep_transformers_cache():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from spt.generate import GrowingCache, kv_cache
+
+    cfg = dict(vocab_size=64, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+               intermediate_size=32)
+    assert kv_cache(MistralForCausalLM(MistralConfig(**cfg, sliding_window=8))) is None
+    assert isinstance(kv_cache(MistralForCausalLM(MistralConfig(**cfg, sliding_window=None))), GrowingCache)
