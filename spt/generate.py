@@ -78,9 +78,9 @@ if DynamicLayer is not None:
         that rewrites the cache (beam search's reordering, cropping) replaces ``keys``/``values``; the next
         update copies them into a fresh buffer, so every operation of the parent class stays correct."""
 
-        def __init__(self, dtype: torch.dtype | None = None):
+        def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0):
             super().__init__()
-            self.dtype = dtype
+            self.dtype, self.reserve = dtype, reserve  # reserve: room the first buffer leaves for new tokens
             self._k = self._v = self._view = None
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -92,7 +92,7 @@ if DynamicLayer is not None:
             m = n + key_states.shape[-2]
             if (self._k is None or self.keys is not self._view or m > self._k.shape[-2]
                     or self._k.shape[:-2] != key_states.shape[:-2]):
-                capacity = m + max(64, m // 2)
+                capacity = m + (self.reserve if n == 0 and self.reserve > 0 else max(64, m // 2))
                 k = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1], dtype=dtype)
                 v = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1], dtype=dtype)
                 if n:
@@ -108,14 +108,14 @@ if DynamicLayer is not None:
     class GrowingCache(DynamicCache):
         """A :class:`GrowingLayer` per layer (created as the model first writes each one)."""
 
-        def __init__(self, dtype: torch.dtype | None = None):
-            Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, dtype))
+        def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0):
+            Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, dtype, reserve))
 
 
-def kv_cache(lm) -> Cache | None:
-    """A :class:`GrowingCache` for ``lm``, or None (transformers' own cache) where the model has layers other
-    than full attention (sliding windows, linear attention), encoder-decoders, or a transformers without the
-    cache API."""
+def kv_cache(lm, reserve: int = 0) -> Cache | None:
+    """A :class:`GrowingCache` for ``lm`` whose first buffers leave room for ``reserve`` new tokens, or None
+    (transformers' own cache) where the model has layers other than full attention (sliding windows, linear
+    attention), encoder-decoders, or a transformers without the cache API."""
     if DynamicLayer is None:
         return None
     cfg = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
@@ -123,7 +123,7 @@ def kv_cache(lm) -> Cache | None:
     if (getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "sliding_window", None)
             or any(t != "full_attention" for t in types)):
         return None
-    return GrowingCache(getattr(lm, "dtype", None))
+    return GrowingCache(getattr(lm, "dtype", None), reserve)
 
 
 def lm_generate(lm, cfg: GenerateConfig, kw: dict, attention_mask: torch.Tensor, *,
@@ -132,7 +132,7 @@ def lm_generate(lm, cfg: GenerateConfig, kw: dict, attention_mask: torch.Tensor,
     "bf16"`` (greedy or sampling; beam search expands rows inside generate, so it prefills there), every input
     position but the last first runs under bf16 autocast into the cache; generate then runs the last position
     and every new token in the LM's precision."""
-    cache = kv_cache(lm)
+    cache = kv_cache(lm, cfg.max_new_tokens + 1)  # + 1: a bf16 prefill leaves the last input position to generate
     if cache is not None:
         kw = {**kw, "cache": cache}
         if cfg.prefill_precision == "bf16" and cfg.num_beams == 1 and attention_mask.shape[1] > 1:

@@ -135,7 +135,7 @@ def test_growing_cache_generates_what_transformers_own_cache_does(kind, tiny_tok
     buffers = []
     update = GrowingLayer.update
     monkeypatch.setattr(GrowingLayer, "update", lambda self, *a, **k: (update(self, *a, **k), buffers.append(
-        (id(self), self._k.data_ptr())))[0])
+        (id(self), self._k.data_ptr(), self._k.shape[-2])))[0])
     for options in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 20}):
         cfg = GenerateConfig(max_new_tokens=10, **options)
         kw = generation_kwargs(cfg, tiny_tokenizer)
@@ -146,8 +146,8 @@ def test_growing_cache_generates_what_transformers_own_cache_does(kind, tiny_tok
         ours = lm_generate(lm, cfg, kw, mask, input_ids=ids)
         assert torch.equal(ours, reference), options
         assert len(buffers) >= 2 * 10  # every layer's update went through the growing cache
-        if not options:  # one buffer per layer for the whole call
-            assert len(set(buffers)) == 2
+        if not options:  # one buffer per layer for the whole call, sized for the input and max_new_tokens
+            assert len(set(buffers)) == 2 and {b[2] for b in buffers} == {ids.shape[1] + 10 + 1}
 
 
 def test_bf16_prefill_fills_the_cache_in_the_lms_precision(tiny_tokenizer, monkeypatch):
