@@ -20,18 +20,14 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .batching import Item, collate
 from .config import GenerateConfig
 from .data import Example
 from .format import DialogueFormatter, ResponseTooLong
 from .losses import per_example_sum
-from .model import response_token_example, splice
-
-try:  # transformers' cache API; a layout it does not have falls back to transformers' own cache
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-except ImportError:  # pragma: no cover - transformers is pinned
-    Cache = DynamicCache = DynamicLayer = None
+from .model import mask_positions, response_token_example, splice
 
 log = logging.getLogger(__name__)
 
@@ -69,55 +65,53 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 # --- the KV cache and the prefill ------------------------------------------------------------------
 
-if DynamicLayer is not None:
-    class GrowingLayer(DynamicLayer):
-        """One layer's KV cache appended in place into a buffer with spare room: amortised O(1) per new token,
-        where transformers' ``DynamicLayer`` concatenates the whole cache at every token (O(length) copying:
-        40% of a 32-row generate call on a 2-core CPU). Keys and values are kept in ``dtype`` (the LM's), so a
-        prefill run under bf16 autocast leaves a cache that decoding reads in the LM's precision. Anything else
-        that rewrites the cache (beam search's reordering, cropping) replaces ``keys``/``values``; the next
-        update copies them into a fresh buffer, so every operation of the parent class stays correct."""
+class GrowingLayer(DynamicLayer):
+    """One layer's KV cache appended in place into a buffer with spare room: amortised O(1) per new token,
+    where transformers' ``DynamicLayer`` concatenates the whole cache at every token (O(length) copying:
+    40% of a 32-row generate call on a 2-core CPU). Keys and values are kept in ``dtype`` (the LM's), so a
+    prefill run under bf16 autocast leaves a cache that decoding reads in the LM's precision. Anything else
+    that rewrites the cache (beam search's reordering, cropping) replaces ``keys``/``values``; the next
+    update copies them into a fresh buffer, so every operation of the parent class stays correct."""
 
-        def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0):
-            super().__init__()
-            self.dtype, self.reserve = dtype, reserve  # reserve: room the first buffer leaves for new tokens
-            self._k = self._v = self._view = None
+    def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0):
+        super().__init__()
+        self.dtype, self.reserve = dtype, reserve  # reserve: room the first buffer leaves for new tokens
+        self._k = self._v = self._view = None
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            dtype = self.dtype or key_states.dtype
-            n = self.get_seq_length()
-            m = n + key_states.shape[-2]
-            if (self._k is None or self.keys is not self._view or m > self._k.shape[-2]
-                    or self._k.shape[:-2] != key_states.shape[:-2]):
-                capacity = m + (self.reserve if n == 0 and self.reserve > 0 else max(64, m // 2))
-                k = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1], dtype=dtype)
-                v = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1], dtype=dtype)
-                if n:
-                    k[..., :n, :] = self.keys
-                    v[..., :n, :] = self.values
-                self._k, self._v = k, v
-            self._k[..., n:m, :] = key_states
-            self._v[..., n:m, :] = value_states
-            self.keys = self._view = self._k[..., :m, :]
-            self.values = self._v[..., :m, :]
-            return self.keys, self.values
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        dtype = self.dtype or key_states.dtype
+        n = self.get_seq_length()
+        m = n + key_states.shape[-2]
+        if (self._k is None or self.keys is not self._view or m > self._k.shape[-2]
+                or self._k.shape[:-2] != key_states.shape[:-2]):
+            capacity = m + (self.reserve if n == 0 and self.reserve > 0 else max(64, m // 2))
+            k = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1], dtype=dtype)
+            v = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1], dtype=dtype)
+            if n:
+                k[..., :n, :] = self.keys
+                v[..., :n, :] = self.values
+            self._k, self._v = k, v
+        self._k[..., n:m, :] = key_states
+        self._v[..., n:m, :] = value_states
+        self.keys = self._view = self._k[..., :m, :]
+        self.values = self._v[..., :m, :]
+        return self.keys, self.values
 
-    class GrowingCache(DynamicCache):
-        """A :class:`GrowingLayer` per layer (created as the model first writes each one)."""
 
-        def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0):
-            Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, dtype, reserve))
+class GrowingCache(DynamicCache):
+    """A :class:`GrowingLayer` per layer (created as the model first writes each one)."""
+
+    def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0):
+        Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, dtype, reserve))
 
 
 def kv_cache(lm, reserve: int = 0) -> Cache | None:
     """A :class:`GrowingCache` for ``lm`` whose first buffers leave room for ``reserve`` new tokens, or None
     (transformers' own cache) where the model has layers other than full attention (sliding windows, linear
-    attention), encoder-decoders, or a transformers without the cache API."""
-    if DynamicLayer is None:
-        return None
+    attention) or is an encoder-decoder."""
     cfg = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
     types = getattr(cfg, "layer_types", None) or []
     if (getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "sliding_window", None)
@@ -139,10 +133,9 @@ def lm_generate(lm, cfg: GenerateConfig, kw: dict, attention_mask: torch.Tensor,
             x = {"inputs_embeds": inputs_embeds[:, :-1]} if inputs_embeds is not None else \
                 {"input_ids": input_ids[:, :-1]}
             mask = attention_mask[:, :-1]
-            device = attention_mask.device
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                lm(**x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), cache=cache,
-                   use_cache=True, logits_to_keep=1)
+            with torch.autocast(attention_mask.device.type, dtype=torch.bfloat16):
+                lm(**x, attention_mask=mask, position_ids=mask_positions(mask), cache=cache, use_cache=True,
+                   logits_to_keep=1)
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
     return lm.generate(**inputs, attention_mask=attention_mask, **kw)
 

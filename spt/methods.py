@@ -36,7 +36,7 @@ from .checkpoint import (
 from .config import Config, GenerateConfig
 from .format import IGNORE_INDEX, DialogueFormatter, render_text
 from .generate import Generation, generate_spt, generate_text
-from .model import SPTModel, response_logits, takes_position_ids
+from .model import SPTModel, mask_positions, response_logits, takes_position_ids
 from .modeling import build_scratch_lm, load_lm, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,8 @@ class LMOnly(nn.Module):
         body = self._body[0]
         if self.loss_on == "all":
             labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        return response_logits(body, body.get_input_embeddings()(input_ids), attention_mask, position_ids, labels,
+        return response_logits(body, body.get_input_embeddings()(input_ids), attention_mask,
+                               mask_positions(attention_mask), labels,
                                self._takes_positions)
 
     def forward(self, input_ids, attention_mask, labels, query_mask=None, persona_sim=None):

@@ -34,6 +34,12 @@ class Spliced:
     labels: torch.Tensor | None  # (R, n + T), IGNORE_INDEX on prompt and padding
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (0 at each row's first real token), so padding on either side
+    never shifts a row's positions."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 def splice(prompt_embeds: torch.Tensor, token_embeds: torch.Tensor, attention_mask: torch.Tensor,
            labels: torch.Tensor | None = None) -> Spliced:
     """Put each row's soft prompt right before its first real token.
@@ -52,7 +58,7 @@ def splice(prompt_embeds: torch.Tensor, token_embeds: torch.Tensor, attention_ma
     embeds = torch.cat([prompt_embeds.to(token_embeds.dtype), token_embeds], 1)
     embeds = embeds.gather(1, src.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
     mask = torch.cat([attention_mask.new_ones(R, n), attention_mask], 1).gather(1, src)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    position_ids = mask_positions(mask)
     spliced_labels = None
     if labels is not None:
         spliced_labels = torch.cat([labels.new_full((R, n), IGNORE_INDEX), labels], 1).gather(1, src)
@@ -304,7 +310,7 @@ class SPTModel(nn.Module):
         if self.cfg.query == "embeddings":
             return (self.embed(input_ids) if token_embeds is None else token_embeds), query_mask
         with torch.no_grad():
-            kwargs = {"position_ids": (query_mask.cumsum(1) - 1).clamp(min=0)} if self._takes_positions else {}
+            kwargs = {"position_ids": mask_positions(query_mask)} if self._takes_positions else {}
             mask = None if causal_suffices(query_mask) else query_mask
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=mask, **kwargs,
                                         **no_cache(self.lm.base_model)).last_hidden_state
